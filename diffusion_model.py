@@ -1,0 +1,491 @@
+"""
+A text-conditioned diffusion model, small enough to read top to bottom.
+
+The story, in the order the file tells it:
+
+1. Timesteps become vectors (sinusoidal embedding -> MLP), exactly like word positions in a
+   Transformer, so the network knows how noisy its input is.
+2. `ResnetBlock`: two 3x3 convolutions with a residual path; the timestep enters as a per-channel
+   scale and shift between them.
+3. `SpatialTransformer`: the image's pixels become tokens that attend to each other
+   (self-attention) and to the caption's tokens (cross-attention). This is where the text steers
+   the image.
+4. `UNet`: ResnetBlocks and SpatialTransformers stacked into an encoder that halves the
+   resolution level by level, a middle, and a decoder that doubles it back, with skip connections
+   from each encoder step to its mirror in the decoder. It predicts the noise eps in x_t.
+5. `NoiseScheduler`: the cosine schedule of Nichol & Dhariwal (2021), the forward process
+   q(x_t | x_0) and the posterior q(x_{t-1} | x_t, x_0).
+6. Samplers: DDPM ancestral sampling (Algorithm 2 of Ho et al. 2020), classifier-free guidance
+   (Ho & Salimans 2022) and DDIM (Song et al. 2021).
+
+Shapes use B = batch, C = channels, H, W = height and width, L = text tokens, D = text width.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# -----------------------------------------------------------------------------
+# 1. Timestep embedding
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal features of the timesteps t (B,) -> (B, dim), geometric frequencies from 1 to
+    1/max_period, as for positions in "Attention is all you need"."""
+    assert dim % 2 == 0
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)  # (dim/2,)
+    angles = t.float()[:, None] * freqs[None, :]  # (B, dim/2)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)  # (B, dim)
+
+
+def group_norm(channels):
+    # 32 groups everywhere, as in Ho et al. and Stable Diffusion; UNetConfig checks divisibility.
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+def zero_init(module):
+    """Zero a layer's weights so that the residual branch it ends starts as the identity: the
+    untrained network passes its input straight through, which makes deep U-Nets train stably."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+# -----------------------------------------------------------------------------
+# 2. ResnetBlock
+
+
+class ResnetBlock(nn.Module):
+    """norm -> SiLU -> conv3x3, then the timestep as (1 + scale, shift) per channel, then
+    norm -> SiLU -> dropout -> conv3x3 (zero-initialised), plus the (1x1-projected) input."""
+
+    def __init__(self, in_ch, out_ch, time_dim, dropout=0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, 2 * out_ch)  # -> scale and shift
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H, W)
+        scale, shift = self.time_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)  # (B, out_ch, 1, 1) each
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+# -----------------------------------------------------------------------------
+# 3. SpatialTransformer: self-attention, cross-attention to the text, feed-forward
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention of the image tokens to each other; q, k and v come from one matmul."""
+
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        assert dim % n_heads == 0, f"channels {dim} must divide into {n_heads} heads"
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, C/heads) each
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C/heads)
+        return self.out(h.transpose(1, 2).reshape(B, N, C))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of the image tokens (queries) to the text tokens (keys and values).
+    `mask` (B, L) is True for real tokens: padding receives no attention. Every caption has at
+    least its start and end tokens, so no row of the mask is all False."""
+
+    def __init__(self, dim, context_dim, n_heads):
+        super().__init__()
+        assert dim % n_heads == 0, f"channels {dim} must divide into {n_heads} heads"
+        self.n_heads = n_heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, context, mask=None):
+        B, N, C = x.shape
+        L = context.shape[1]
+        heads, d = self.n_heads, C // self.n_heads
+        q = self.q(x).view(B, N, heads, d).transpose(1, 2)  # (B, heads, N, d)
+        k, v = self.kv(context).view(B, L, 2, heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, L, d) each
+        attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, L), broadcast over heads and queries
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
+        return self.out(h.transpose(1, 2).reshape(B, N, C))
+
+
+class FeedForward(nn.Module):
+    """GEGLU (Shazeer 2020): a GELU-gated linear unit, 4x wide."""
+
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * mult * dim)
+        self.out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(h * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Transformer layer on image tokens: self-attention, cross-attention, feed-forward."""
+
+    def __init__(self, dim, n_heads, context_dim):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = SelfAttention(dim, n_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = CrossAttention(dim, context_dim, n_heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context, mask=None):
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context, mask)
+        x = x + self.ff(self.norm3(x))
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """norm -> 1x1 proj_in -> tokens (B, H*W, C) -> Transformer blocks -> 1x1 proj_out
+    (zero-initialised, so the block starts as the identity) -> + input."""
+
+    def __init__(self, channels, n_heads, context_dim, depth=1):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.blocks = nn.ModuleList([TransformerBlock(channels, n_heads, context_dim) for _ in range(depth)])
+        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x, context, mask=None):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        for block in self.blocks:
+            h = block(h, context, mask)
+        h = h.transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+# -----------------------------------------------------------------------------
+# 4. The U-Net
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    base_channels: int = 64
+    channel_mults: tuple = (1, 2, 2)  # channels per level = base_channels * mult; one level per resolution
+    num_res_blocks: int = 2  # ResnetBlocks per level on the way down (one more on the way up)
+    attention_levels: tuple = (1, 2)  # levels (0 = full resolution) that get a SpatialTransformer
+    n_heads: int = 4
+    context_dim: int = 384  # width of the text encoder's token embeddings
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        self.channel_mults = tuple(self.channel_mults)
+        self.attention_levels = tuple(self.attention_levels)
+        factor = 2 ** (len(self.channel_mults) - 1)
+        if self.image_size % factor != 0:
+            raise ValueError(
+                f"image_size {self.image_size} cannot be halved {len(self.channel_mults) - 1} times "
+                f"by channel_mults {self.channel_mults}: use a multiple of {factor} (e.g. {max(factor, self.image_size // factor * factor)})"
+            )
+        if self.base_channels % 32 != 0:
+            raise ValueError(f"base_channels {self.base_channels} must be a multiple of 32 (GroupNorm uses 32 groups)")
+        for level in self.attention_levels:
+            if not 0 <= level < len(self.channel_mults):
+                raise ValueError(f"attention level {level} does not exist: levels are 0..{len(self.channel_mults) - 1}")
+        for mult in self.channel_mults:
+            if (self.base_channels * mult) % self.n_heads != 0:
+                raise ValueError(f"channels {self.base_channels * mult} do not divide into n_heads={self.n_heads}")
+
+
+class ResAttn(nn.Module):
+    """One step of the U-Net: a ResnetBlock, followed by a SpatialTransformer on attention levels."""
+
+    def __init__(self, in_ch, out_ch, time_dim, cfg, use_attn):
+        super().__init__()
+        self.res = ResnetBlock(in_ch, out_ch, time_dim, cfg.dropout)
+        self.attn = SpatialTransformer(out_ch, cfg.n_heads, cfg.context_dim) if use_attn else None
+
+    def forward(self, x, temb, context, mask):
+        x = self.res(x, temb)
+        if self.attn is not None:
+            x = self.attn(x, context, mask)
+        return x
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, text): predicts the noise in x_t.
+
+    down: conv_in, then per level num_res_blocks ResAttn steps and (except at the lowest
+          resolution) a Downsample; every output is kept as a skip connection.
+    mid:  ResnetBlock -> SpatialTransformer -> ResnetBlock at the lowest resolution.
+    up:   per level, from the lowest, num_res_blocks + 1 ResAttn steps, each fed the concatenation
+          of the current features and one skip (last in, first out), then an Upsample.
+    out:  norm -> SiLU -> conv3x3 (zero-initialised) back to the image's channels.
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.base_channels
+        time_dim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skip_chs = [ch]
+        for level, mult in enumerate(cfg.channel_mults):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(ResAttn(ch, cfg.base_channels * mult, time_dim, cfg, level in cfg.attention_levels))
+                ch = cfg.base_channels * mult
+                skip_chs.append(ch)
+            if level != len(cfg.channel_mults) - 1:
+                self.down.append(Downsample(ch))
+                skip_chs.append(ch)
+
+        self.mid_res1 = ResnetBlock(ch, ch, time_dim, cfg.dropout)
+        self.mid_attn = SpatialTransformer(ch, cfg.n_heads, cfg.context_dim)
+        self.mid_res2 = ResnetBlock(ch, ch, time_dim, cfg.dropout)
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mults))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(ResAttn(ch + skip_chs.pop(), cfg.base_channels * mult, time_dim, cfg, level in cfg.attention_levels))
+                ch = cfg.base_channels * mult
+            if level != 0:
+                self.up.append(Upsample(ch))
+        assert not skip_chs, "every skip connection is consumed exactly once"
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+
+    def forward(self, x, t, context, context_mask=None):
+        """x (B, 3, H, W), t (B,) integer timesteps, context (B, L, D), context_mask (B, L) True for
+        real tokens. Returns the predicted noise, (B, 3, H, W)."""
+        B, C, H, W = x.shape
+        assert H == W == self.cfg.image_size, f"expected {self.cfg.image_size}px images, got {H}x{W}"
+        temb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))  # (B, 4*base)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, temb, context, context_mask) if isinstance(block, ResAttn) else block(h)
+            skips.append(h)
+
+        h = self.mid_res1(h, temb)
+        h = self.mid_attn(h, context, context_mask)
+        h = self.mid_res2(h, temb)
+
+        for block in self.up:
+            if isinstance(block, ResAttn):
+                h = block(torch.cat([h, skips.pop()], dim=1), temb, context, context_mask)
+            else:
+                h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# -----------------------------------------------------------------------------
+# 5. The noise schedule
+
+
+class NoiseScheduler(nn.Module):
+    """The cosine schedule of Nichol & Dhariwal (2021), Eq. 17:
+
+        alphas_cumprod[t] = f(t + 1) / f(0),  f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2),  s = 0.008
+
+    for t = 0 .. T-1 (index t is the noise level after t + 1 forward steps), with
+    beta_t = 1 - alphas_cumprod[t] / alphas_cumprod[t-1] clipped at 0.999 so the last step stays
+    finite. Everything is computed in float64 and kept as float32 buffers named after the formula
+    they hold, so `scheduler.to(device)` moves them with the model.
+    """
+
+    def __init__(self, num_timesteps=1000, s=0.008):
+        super().__init__()
+        T = num_timesteps
+        self.num_timesteps = T
+        f = lambda t: torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+        steps = torch.arange(T + 1, dtype=torch.float64)
+        alphas_cumprod_unclipped = f(steps) / f(torch.zeros((), dtype=torch.float64))  # (T+1,), [0] = 1
+        betas = (1 - alphas_cumprod_unclipped[1:] / alphas_cumprod_unclipped[:-1]).clamp(max=0.999)  # (T,)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 * x_0 + coef2 * x_t, posterior_variance), Ho et al. Eq. 7.
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+
+        buffers = dict(
+            betas=betas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
+            sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(),
+            sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
+            posterior_variance=posterior_variance,
+            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            posterior_mean_coef2=(1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+        )
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    @staticmethod
+    def _at(buffer, t):
+        return buffer[t][:, None, None, None]  # (B,) -> (B, 1, 1, 1), broadcasts over images
+
+    def q_sample(self, x0, t, noise):
+        """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) with the given noise."""
+        return self._at(self.sqrt_alphas_cumprod, t) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t) * noise
+
+    def predict_x0(self, x_t, t, eps):
+        """Invert q_sample: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return self._at(self.sqrt_recip_alphas_cumprod, t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t) * eps
+
+    def predict_eps(self, x_t, t, x0):
+        """The noise that takes x_0 to x_t: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
+        return (self._at(self.sqrt_recip_alphas_cumprod, t) * x_t - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t)
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0), Ho et al. Eqs. 6-7."""
+        mean = self._at(self.posterior_mean_coef1, t) * x0 + self._at(self.posterior_mean_coef2, t) * x_t
+        return mean, self._at(self.posterior_variance, t)
+
+
+def diffusion_loss(model, scheduler, x0, context, mask, t=None, noise=None):
+    """The simple loss of Ho et al. (Algorithm 1): || eps - eps_theta(x_t, t) ||^2 with t uniform.
+    Validation passes a fixed t and noise so that evaluations are comparable."""
+    B = x0.shape[0]
+    if t is None:
+        t = torch.randint(0, scheduler.num_timesteps, (B,), device=x0.device)
+    if noise is None:
+        noise = torch.randn_like(x0)
+    x_t = scheduler.q_sample(x0, t, noise)
+    return F.mse_loss(model(x_t, t, context, mask).float(), noise.float())
+
+
+# -----------------------------------------------------------------------------
+# 6. Samplers
+
+
+def guided_eps(model, x, t, cond, uncond, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w * (eps_c - eps_u).
+    w = 1 is the plain conditional model, w = 0 the unconditional one, w > 1 pushes harder toward
+    the caption. Both predictions come from one forward pass over a doubled batch.
+    cond and uncond are (context (B, L, D), mask (B, L)) with the same L."""
+    (c, c_mask), (u, u_mask) = cond, uncond
+    eps_c, eps_u = model(
+        torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, u]), torch.cat([c_mask, u_mask])
+    ).chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def ddim_timesteps(num_timesteps, steps):
+    """`steps` timesteps from T-1 down, evenly spaced and "trailing" (Lin et al. 2024, Table 2):
+    the first step always starts from pure noise at t = T-1, which a cosine schedule with few
+    steps needs. steps = T gives T-1, T-2, ..., 0."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be between 1 and {num_timesteps}, got {steps}")
+    return [round(num_timesteps - i * num_timesteps / steps) - 1 for i in range(steps)]
+
+
+def ddim_step(scheduler, x_t, t, t_prev, x0, eta, noise):
+    """One DDIM update (Song et al. 2021, Eq. 12) from t to t_prev (t_prev = -1: to the clean image).
+    x0 is the (clipped) prediction; eps is recomputed from it so that eta = 1 over all T steps is
+    exactly DDPM's posterior step. Returns x_{t_prev}, its mean and its variance."""
+    abar_t = scheduler.alphas_cumprod[t]
+    abar_prev = scheduler.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(abar_t)
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    eps = scheduler.predict_eps(x_t, tt, x0)
+    variance = eta**2 * (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)  # sigma_t^2
+    mean = abar_prev.sqrt() * x0 + (1 - abar_prev - variance).clamp(min=0).sqrt() * eps
+    return mean + variance.sqrt() * noise, mean, variance
+
+
+def _generator(seed_or_generator):
+    if isinstance(seed_or_generator, torch.Generator):
+        return seed_or_generator
+    return torch.Generator().manual_seed(int(seed_or_generator))
+
+
+@torch.no_grad()
+def sample(model, scheduler, cond, uncond=None, guidance_scale=1.0, sampler="ddpm", steps=None, eta=0.0,
+           generator=0, callback=None, progress=False):
+    """Draw one image per caption in `cond` = (context (B, L, D), mask (B, L)).
+
+    sampler "ddpm": ancestral sampling over all T steps (Algorithm 2 of Ho et al. 2020) with the
+        posterior variance; sampler "ddim": `steps` trailing steps, eta = 0 deterministic,
+        eta = 1 stochastic like DDPM.
+    guidance_scale w: 1 = conditional only (one forward a step); otherwise classifier-free
+        guidance with the unconditional `uncond` (context and mask of batch 1 or B).
+    generator: a seed or a CPU torch.Generator. All noise is drawn on the CPU and then moved, so a
+        seed gives the same images on every run (and the same starting noise on every device).
+    callback(i, t, x_t, x0_pred) is called at every step, e.g. to keep a trajectory.
+    Predicted x0 is clipped to [-1, 1] at every step. Returns x_0 in [-1, 1], (B, 3, H, W).
+    """
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
+    context, mask = cond
+    B = context.shape[0]
+    device = context.device
+    T = scheduler.num_timesteps
+    cfg = model.cfg
+    if guidance_scale != 1.0:
+        assert uncond is not None, "classifier-free guidance needs the unconditional (empty caption) context"
+        uncond = tuple(u.expand(B, *u.shape[1:]) for u in uncond)
+    g = _generator(generator)
+    randn = lambda: torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
+
+    timesteps = list(range(T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(T, steps if steps is not None else 50)
+    x = randn()  # x_T ~ N(0, I)
+    for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False)):
+        tt = torch.full((B,), t, device=device, dtype=torch.long)
+        if guidance_scale == 1.0:
+            eps = model(x, tt, context, mask)
+        else:
+            eps = guided_eps(model, x, tt, cond, uncond, guidance_scale)
+        x0 = scheduler.predict_x0(x, tt, eps.float()).clamp(-1, 1)
+        if callback is not None:
+            callback(i, t, x, x0)
+        if sampler == "ddpm":
+            mean, variance = scheduler.q_posterior(x0, x, tt)
+            x = mean + variance.sqrt() * randn() if t > 0 else mean  # posterior_variance[0] = 0
+        else:
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            noise = randn() if eta > 0 else torch.zeros_like(x)
+            x, _, _ = ddim_step(scheduler, x, t, t_prev, x0, eta, noise)
+    return x.clamp(-1, 1)

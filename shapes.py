@@ -1,0 +1,399 @@
+"""Shapes: a procedurally generated, captioned toy dataset, and a judge for it.
+
+Each image shows exactly one flat-coloured shape on a white background. A
+shape is described by four independent attributes:
+
+    color     one of 6   red, green, blue, yellow, purple, orange
+    shape     one of 3   circle, square, triangle
+    size      one of 2   small, large
+    position  one of 5   top left, top right, bottom left, bottom right, center
+
+and the caption states all four, in one of several phrasings, e.g.
+"a small red circle in the top left" or "bottom right: a large purple circle".
+Because every attribute is visible and the images are synthetic, we can check
+whether a text-conditioned generator did what the caption asked: `judge` reads
+the four attributes back out of an image with a few lines of pixel statistics,
+and `adherence` turns that into a per-attribute accuracy.
+
+Compositional generalisation. Three colour x shape pairs (`HELD_OUT`) never
+occur in the training split, although their colour and their shape each occur
+with other partners. Asking the model for, say, a red triangle after it has
+only seen red circles/squares and green/blue/... triangles measures whether it
+has learnt the attributes separately or only memorised the combinations.
+`eval_prompts` gives a fixed list of seen and held-out prompts for this.
+
+Rendering. A shape is drawn with PIL at 4x the target resolution and box-
+downsampled, so edge pixels are exact area-weighted blends with white
+(anti-aliasing). Small random jitter of centre and size makes images differ
+without ever making an attribute ambiguous: even with jitter a large shape
+stays inside its quadrant, and small and large never overlap in size.
+"""
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# ---------------------------------------------------------------------------
+# Vocabulary. The names are what appear in captions and what `judge` returns.
+# ---------------------------------------------------------------------------
+
+# Saturated colours, chosen to be far apart from each other and from white so
+# that a nearest-colour rule separates them even after blending at edges. The
+# closest pair (orange/yellow) is still 80 RGB units apart; every colour is
+# more than 260 units from white.
+COLORS = {
+    "red": (220, 20, 20),
+    "green": (20, 170, 20),
+    "blue": (20, 40, 220),
+    "yellow": (235, 200, 0),
+    "purple": (140, 30, 180),
+    "orange": (245, 120, 0),
+}
+
+SHAPES = ("circle", "square", "triangle")
+
+# Side of the shape's bounding box as a fraction of the image side. "large"
+# is chosen as big as it can be while, with worst-case jitter, still fitting
+# in its quadrant: CENTER_JITTER + 0.40 / 2 * (1 + SIZE_JITTER) = 0.246 < 0.25.
+# Worst-case small (0.27) and large (0.368) sides remain well apart.
+SIZES = {"small": 0.25, "large": 0.40}
+
+# Centre (x, y) of the shape's bounding box as fractions of the image; y grows
+# downwards, as in image coordinates. Corners are the centres of the quadrants.
+POSITIONS = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+    "center": (0.5, 0.5),
+}
+
+# Colour x shape pairs never shown in training, used to measure compositional
+# generalisation. Each shape is held out once, each with a different colour,
+# so every colour and every shape still occurs in training via other pairs.
+HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+
+# Jitter, uniform in +-value: the centre moves by up to 3% of the image side in
+# x and y, the side length is scaled by up to +-8%.
+CENTER_JITTER = 0.03
+SIZE_JITTER = 0.08
+
+# Shapes are drawn at this multiple of the output resolution, then averaged
+# down; 4x4 supersampling gives 17 grey levels per edge pixel.
+SUPERSAMPLE = 4
+
+WHITE = (255, 255, 255)
+
+# ---------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------
+
+# Several phrasings so that the text encoder has to extract the attributes
+# rather than rely on a fixed template. Every phrasing names all four. Phrasing
+# 0 is the canonical one used for evaluation. "{where}" is the position as a
+# place ("top left corner" / "center"), for phrasings where "the top left"
+# alone would read oddly.
+PHRASINGS = (
+    "a {size} {color} {shape} in the {position}",
+    "{color} {shape}, {where}, {size}",
+    "a picture of a {size} {color} {shape} in the {position}",
+    "{size} {color} {shape} at the {position}",
+    "{position}: a {size} {color} {shape}",
+    "a {color} {shape}, {size}, in the {where}",
+)
+
+
+def caption(color, shape, size, position, phrasing=0):
+    """Describe one image in words; `phrasing` indexes PHRASINGS."""
+    where = position if position == "center" else position + " corner"
+    return PHRASINGS[phrasing].format(
+        color=color, shape=shape, size=size, position=position, where=where
+    )
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------
+
+
+def train_pairs():
+    """All colour x shape pairs of the training split, in a fixed order."""
+    return [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT]
+
+
+def render(color, shape, size, position, image_size=32, dx=0.0, dy=0.0, scale=1.0):
+    """Draw one shape on white; returns a uint8 array (image_size, image_size, 3).
+
+    dx, dy shift the centre (fractions of the image side) and `scale`
+    multiplies the side length; they carry the random jitter.
+    """
+    big = image_size * SUPERSAMPLE
+    cx, cy = POSITIONS[position]
+    half = SIZES[size] * scale / 2
+    # Bounding box in supersampled pixels. PIL's second corner is inclusive,
+    # hence the -1, so the drawn side is right - left + 1 = side * big pixels.
+    left = round((cx + dx - half) * big)
+    top = round((cy + dy - half) * big)
+    right = round((cx + dx + half) * big) - 1
+    bottom = round((cy + dy + half) * big) - 1
+
+    canvas = Image.new("RGB", (big, big), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    fill = COLORS[color]
+    if shape == "circle":
+        draw.ellipse((left, top, right, bottom), fill=fill)
+    elif shape == "square":
+        draw.rectangle((left, top, right, bottom), fill=fill)
+    elif shape == "triangle":
+        # Upright isosceles triangle: apex at the top centre, base spanning the
+        # full width of the box, so it fills the box in both directions.
+        apex = ((left + right) / 2, top)
+        draw.polygon((apex, (right, bottom), (left, bottom)), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+    # Box filtering = averaging each 4x4 block = exact area coverage per pixel.
+    small = canvas.resize((image_size, image_size), Image.Resampling.BOX)
+    return np.array(small)  # a writable copy, so torch.from_numpy is happy
+
+
+def make_shapes_dataset(n, image_size=32, seed=0, held_out=False):
+    """Generate `n` captioned images.
+
+    Returns (images, captions, attrs): images is a uint8 tensor
+    (n, 3, image_size, image_size); captions a list of n strings; attrs a list
+    of n dicts with keys color, shape, size, position. With held_out=False only
+    training colour x shape pairs are drawn, with held_out=True only HELD_OUT
+    pairs. All choices are uniform and fully determined by `seed`.
+    """
+    rng = np.random.default_rng(seed)
+    pairs = list(HELD_OUT) if held_out else train_pairs()
+    sizes = list(SIZES)
+    positions = list(POSITIONS)
+
+    # Draw every random number up front, in a fixed order, so the output
+    # depends only on (n, seed, held_out) and not on how rendering proceeds.
+    pair_idx = rng.integers(len(pairs), size=n)
+    size_idx = rng.integers(len(sizes), size=n)
+    pos_idx = rng.integers(len(positions), size=n)
+    phrasing_idx = rng.integers(len(PHRASINGS), size=n)
+    shift = rng.uniform(-CENTER_JITTER, CENTER_JITTER, size=(n, 2))
+    scale = rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER, size=n)
+
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    captions, attrs = [], []
+    for i in range(n):
+        color, shape = pairs[pair_idx[i]]
+        a = dict(color=color, shape=shape, size=sizes[size_idx[i]], position=positions[pos_idx[i]])
+        images[i] = render(**a, image_size=image_size, dx=shift[i, 0], dy=shift[i, 1], scale=scale[i])
+        captions.append(caption(**a, phrasing=int(phrasing_idx[i])))
+        attrs.append(a)
+
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return images, captions, attrs
+
+
+def eval_prompts():
+    """A fixed list of evaluation prompts, each a dict with keys caption, color,
+    shape, size, position, held_out.
+
+    Every training pair appears once and every held-out pair four times, with
+    position and size cycled deterministically so that all positions and both
+    sizes are exercised. Captions use the canonical phrasing.
+    """
+    sizes = list(SIZES)
+    positions = list(POSITIONS)
+    prompts = []
+
+    def add(color, shape, size, position, is_held_out):
+        prompts.append(dict(
+            caption=caption(color, shape, size, position),
+            color=color, shape=shape, size=size, position=position,
+            held_out=is_held_out,
+        ))
+
+    for i, (color, shape) in enumerate(train_pairs()):
+        add(color, shape, sizes[i % 2], positions[i % 5], False)
+    for j, (color, shape) in enumerate(HELD_OUT):
+        # Four distinct positions per pair, alternating size.
+        for k in range(4):
+            add(color, shape, sizes[(j + k) % 2], positions[(j + k) % 5], True)
+    return prompts
+
+
+# ---------------------------------------------------------------------------
+# Judge
+# ---------------------------------------------------------------------------
+
+# A pixel is foreground if its RGB distance from white (channels in [0, 1], so
+# the distance is at most sqrt(3)) exceeds this. The palest colours (yellow,
+# purple) are ~1.03 from white, so a pixel counts once about a third of it is
+# covered by the shape; generated backgrounds that are a little off-white stay
+# background.
+FOREGROUND_THRESHOLD = 0.35
+
+# A foreground pixel with fewer than this many foreground pixels in its 3x3
+# neighbourhood (itself included) is a speckle, not part of a shape.
+MIN_NEIGHBOURS = 3
+
+# Fewer foreground pixels than this fraction of the image means "no shape".
+# The smallest shape in the dataset covers about 2.6% of the image.
+MIN_AREA_FRACTION = 0.005
+
+# Area / bounding-box area of the ideal shapes. A square fills its box, a
+# circle pi/4 of it, our triangle (base = height = box side) half of it.
+FILL_RATIO = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}
+
+# Vertical skewness of the ideal shapes' mass. Circle and square are
+# symmetric (0); the upright triangle has most of its mass near its base, a
+# long tail towards the apex: skewness -2*sqrt(2)/5 = -0.57 (y grows down).
+TRIANGLE_SKEW = -2 * math.sqrt(2) / 5
+
+
+def _to_unit_float(images):
+    """uint8 in [0, 255] or float in [-1, 1] -> float32 in [0, 1], on the CPU."""
+    images = images.detach().cpu()
+    if images.dtype == torch.uint8:
+        return images.float() / 255
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def _count_3x3(mask):
+    """Number of set pixels in each pixel's 3x3 neighbourhood; mask (B, H, W)."""
+    H, W = mask.shape[1:]
+    padded = torch.nn.functional.pad(mask.float(), (1, 1, 1, 1))
+    return sum(padded[:, i:i + H, j:j + W] for i in range(3) for j in range(3))
+
+
+def measure(images):
+    """Per-image measurements that `judge` classifies; all tensors of length B.
+
+    found      whether there is a shape at all (enough foreground pixels);
+    rgb        mean colour (in [0, 1]) of the interior foreground pixels, i.e.
+               those not touching background, which are free of the blending
+               with white that anti-aliased edges have;
+    area       fraction of the image covered by the shape, counting edge
+               pixels by their coverage (distance from white relative to the
+               interior colour's);
+    centroid   coverage-weighted centre (x, y) as fractions of the image;
+    fill       area / bounding-box area, where the box width is the sum over
+               columns of each column's largest coverage (so partially covered
+               edge columns count fractionally), and likewise the height;
+    skew       skewness of the coverage's vertical distribution.
+    """
+    x = _to_unit_float(images)
+    B, _, H, W = x.shape
+    distance = ((1 - x) ** 2).sum(dim=1).sqrt()  # (B, H, W): 0 for white
+
+    mask = distance > FOREGROUND_THRESHOLD
+    mask = mask & (_count_3x3(mask) >= MIN_NEIGHBOURS)
+    found = mask.flatten(1).sum(dim=1) >= MIN_AREA_FRACTION * H * W
+
+    # Interior: all 9 pixels of the neighbourhood are foreground. Fall back to
+    # the whole foreground for shapes too small or ragged to have an interior.
+    interior = mask & (_count_3x3(mask) == 9)
+    has_interior = interior.flatten(1).any(dim=1)
+    core = torch.where(has_interior[:, None, None], interior, mask).float()
+    core_pixels = core.flatten(1).sum(dim=1).clamp(min=1)
+    rgb = (x * core[:, None]).flatten(2).sum(dim=2) / core_pixels[:, None]
+
+    # Coverage: 1 inside, fractional at anti-aliased edges, 0 in the background.
+    core_distance = (1 - rgb).norm(dim=1).clamp(min=1e-6)
+    coverage = (distance / core_distance[:, None, None]).clamp(0, 1) * mask
+    pixels = coverage.flatten(1).sum(dim=1).clamp(min=1e-6)
+
+    # Moments of the column and row profiles; +0.5 puts each pixel's mass at
+    # its centre.
+    xs = (torch.arange(W, dtype=torch.float32) + 0.5) / W
+    ys = (torch.arange(H, dtype=torch.float32) + 0.5) / H
+    column_mass, row_mass = coverage.sum(dim=1), coverage.sum(dim=2)
+    cx = (column_mass * xs).sum(dim=1) / pixels
+    cy = (row_mass * ys).sum(dim=1) / pixels
+    dy = ys[None] - cy[:, None]
+    var_y = (row_mass * dy ** 2).sum(dim=1) / pixels
+    skew = (row_mass * dy ** 3).sum(dim=1) / pixels / var_y.clamp(min=1e-12) ** 1.5
+
+    width = coverage.amax(dim=1).sum(dim=1)  # largest coverage in each column
+    height = coverage.amax(dim=2).sum(dim=1)
+    fill = pixels / (width * height).clamp(min=1e-6)
+
+    return dict(found=found, rgb=rgb, area=pixels / (H * W),
+                centroid=torch.stack([cx, cy], dim=1), fill=fill, skew=skew)
+
+
+def judge(images):
+    """Read color, shape, size and position back out of a batch of images.
+
+    images: (B, 3, H, W), either uint8 or float in [-1, 1] (the diffusion
+    model's output range), any H = W >= 16. Returns a list of B dicts with keys
+    color, shape, size, position; all four are None when no shape is found.
+    See `measure` for the measurements. The rules:
+
+      color     the COLORS entry nearest to the interior's mean colour, where
+                a colour also stands for its mixtures with white;
+      position  the POSITIONS entry nearest to the centroid;
+      shape     triangle if the mass is bottom-heavy (skewness nearer the
+                triangle's than 0), otherwise square or circle by whichever
+                fill ratio (1 or pi/4) is nearer. Skewness rather than fill
+                ratio separates triangles because, at 32 px and below, blurred
+                corners push a small triangle's measured fill ratio up towards
+                a circle's, while its lopsidedness survives;
+      size      area against the threshold halfway (on a log scale) between
+                the areas of small and large versions of the judged shape. It
+                depends on the shape because a large triangle covers little
+                more than a small square (0.08 vs 0.0625 of the image).
+    """
+    m = measure(images)
+    # Edge pixels are the colour mixed with white, so a small shape's mean
+    # colour is paler than its paint. Compare against each colour's whole
+    # white-to-colour segment rather than its endpoint: paling then never
+    # turns, e.g., red into orange.
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255
+    towards = palette - 1                     # (6, 3): white -> colour
+    offset = m["rgb"] - 1                     # (B, 3): white -> measured
+    mix = ((offset @ towards.T) / (towards ** 2).sum(dim=1)).clamp(0, 1)  # (B, 6)
+    residual = offset[:, None] - mix[..., None] * towards[None]
+    color_idx = residual.norm(dim=2).argmin(dim=1).tolist()
+    centres = torch.tensor(list(POSITIONS.values()), dtype=torch.float32)
+    position_idx = torch.cdist(m["centroid"], centres).argmin(dim=1).tolist()
+    found, area, fill, skew = (m[k].tolist() for k in ("found", "area", "fill", "skew"))
+
+    color_names, position_names = list(COLORS), list(POSITIONS)
+    square_circle_boundary = (FILL_RATIO["square"] + FILL_RATIO["circle"]) / 2
+    results = []
+    for i in range(len(found)):
+        if not found[i]:
+            results.append(dict(color=None, shape=None, size=None, position=None))
+            continue
+        if skew[i] < TRIANGLE_SKEW / 2:
+            shape = "triangle"
+        elif fill[i] > square_circle_boundary:
+            shape = "square"
+        else:
+            shape = "circle"
+        # Geometric mean of the two areas = area of a shape of side
+        # sqrt(small * large), equally far from both in ratio.
+        size_threshold = FILL_RATIO[shape] * SIZES["small"] * SIZES["large"]
+        results.append(dict(
+            color=color_names[color_idx[i]],
+            shape=shape,
+            size="large" if area[i] > size_threshold else "small",
+            position=position_names[position_idx[i]],
+        ))
+    return results
+
+
+def adherence(images, targets):
+    """Fraction of images whose judged attribute matches the target, for each of
+    color, shape, size and position. targets: list of dicts with those keys
+    (e.g. from eval_prompts). An image with no detectable shape counts as wrong.
+    """
+    judged = judge(images)
+    assert len(judged) == len(targets), "one target per image"
+    keys = ("color", "shape", "size", "position")
+    return {
+        k: sum(j[k] == t[k] for j, t in zip(judged, targets)) / len(targets)
+        for k in keys
+    }
