@@ -44,8 +44,10 @@ def timestep_embedding(t, dim, max_period=10000.0):
 
 
 def group_norm(channels):
-    # 32 groups everywhere, as in Ho et al. and Stable Diffusion; UNetConfig checks divisibility.
-    return nn.GroupNorm(32, channels, eps=1e-6)
+    """GroupNorm with at least 4 channels a group (32 groups from 128 channels up, as in Ho et al.).
+    A group of one channel would be instance norm: it erases each channel's mean, and with it the
+    image's mean brightness and color, which the network must carry to predict eps at high noise."""
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
 
 
 def zero_init(module):
@@ -206,7 +208,7 @@ class UNetConfig:
                 f"by channel_mults {self.channel_mults}: use a multiple of {factor} (e.g. {max(factor, self.image_size // factor * factor)})"
             )
         if self.base_channels % 32 != 0:
-            raise ValueError(f"base_channels {self.base_channels} must be a multiple of 32 (GroupNorm uses 32 groups)")
+            raise ValueError(f"base_channels {self.base_channels} must be a multiple of 32 (for GroupNorm's groups)")
         for level in self.attention_levels:
             if not 0 <= level < len(self.channel_mults):
                 raise ValueError(f"attention level {level} does not exist: levels are 0..{len(self.channel_mults) - 1}")

@@ -465,7 +465,8 @@ def embed_prompts(encoder, prompts, device):
 
 
 @torch.no_grad()
-def shapes_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, steps, seed, autocast=contextlib.nullcontext()):
+def shapes_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, steps, seed, autocast=contextlib.nullcontext(),
+                     sampler="ddim"):
     """Sample the judge's prompts (shapes.eval_prompts(), embedded as cond) with DDIM at each
     guidance scale and judge the images. Returns {w: {"seen": {attr: frac}, "held_out": {attr: frac}}}."""
     import shapes
@@ -474,7 +475,7 @@ def shapes_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, s
     results = {}
     for w in guidance_scales:
         with autocast:
-            images = sample(model, scheduler, cond, uncond, guidance_scale=w, sampler="ddim", steps=steps, generator=seed)
+            images = sample(model, scheduler, cond, uncond, guidance_scale=w, sampler=sampler, steps=steps, generator=seed)
         judged = {}
         for split, held in (("seen", False), ("held_out", True)):
             idx = [i for i, p in enumerate(prompts) if p["held_out"] == held]
@@ -669,7 +670,7 @@ def main(argv):
             bar.close()
             raise UserError(f"the loss became NaN or inf before step {step}: training stopped; the last good checkpoint "
                             f"(step {last_good_step}) in {run_dir} is kept. Lower --lr or raise --warmup_steps")
-        if master and (step % C.eval_interval == 0 or last) and step > 0:
+        if master and (step % C.eval_interval == 0 or last):
             log = {"val/loss": validation_loss(model, scheduler, images[val_idx], ctx_table, ctx_mask, rows[val_idx], 2 * C.batch_size, sysinfo.autocast)}
             line = f"step {step}: val loss {log['val/loss']:.4f}, train loss {loss_ema or float('nan'):.4f}, lr {lr_now:.2e}, {imgs_per_s:.0f} img/s"
             if C.dataset == "shapes":
@@ -682,6 +683,7 @@ def main(argv):
                     f"{a} {adherence[0.0]['seen'][a]:.2f}->{adherence[C.sample_guidance]['seen'][a]:.2f}" for a in ("color", "shape", "position", "size"))
                 line += " | held-out color {:.2f}->{:.2f}".format(adherence[0.0]["held_out"]["color"], adherence[C.sample_guidance]["held_out"]["color"])
             tqdm.write(line)
+            write_log(run_dir, step, log)
             if wandb_run:
                 wandb_run.log(log, step=step)
         if master and ((step % C.sample_interval == 0 and step > 0) or last):
@@ -727,9 +729,10 @@ def main(argv):
             lossf = loss.item()
             loss_ema = lossf if loss_ema is None else 0.9 * loss_ema + 0.1 * lossf
             bar.set_postfix(loss=f"{lossf:.4f}", img_s=f"{imgs_per_s:.0f}")
+            log = {"train/loss": lossf, "train/lr": lr_now, "train/grad_norm": grad_norm.item(), "train/images_per_s": imgs_per_s}
+            write_log(run_dir, step, log)
             if wandb_run:
-                wandb_run.log({"train/loss": lossf, "train/lr": lr_now, "train/grad_norm": grad_norm.item(),
-                               "train/images_per_s": imgs_per_s}, step=step)
+                wandb_run.log(log, step=step)
         bar.update(1)
     bar.close()
 
@@ -744,6 +747,12 @@ def main(argv):
     if stopping and not last:
         sys.exit(128 + stop["signal"])
     return run_dir
+
+
+def write_log(run_dir, step, metrics):
+    """Append one JSON line to the run's log.jsonl: the same numbers as W&B, readable offline."""
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def stop_requested(sysinfo, local_signal):

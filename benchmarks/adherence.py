@@ -1,0 +1,94 @@
+"""
+Score a `shapes` checkpoint: does it draw what it is told?
+
+    python benchmarks/adherence.py --checkpoint=diffusion_results            # latest run
+    python benchmarks/adherence.py --checkpoint=... --guidance_scales=0,1,2,3,5 --sampler=ddim --steps=25
+
+Samples every prompt of shapes.eval_prompts() (seen and held-out color x shape pairs) at each
+guidance scale, judges the images with shapes.judge, prints a table (attribute x guidance scale x
+seen/held-out) and writes a PNG plot of adherence against guidance scale next to the checkpoint.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from diffusion_model import NoiseScheduler  # noqa: E402
+from train_diffusion import (UserError, TextEncoder, build_model, embed_prompts, find_checkpoint, load_checkpoint,  # noqa: E402
+                             parse_overrides, run_cli, shapes_adherence)
+
+DEFAULTS = dict(checkpoint="diffusion_results", guidance_scales="0,1,2,3,5", sampler="ddim", steps=25, seed=0,
+                repeats=2, use_ema=True, plot="")
+ATTRS = ("color", "shape", "position", "size")
+
+
+def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats):
+    """Mean adherence over `repeats` seeds: {w: {split: {attr: frac}}}, and seconds per image."""
+    import shapes
+
+    prompts = shapes.eval_prompts()
+    cond, uncond = embed_prompts(encoder, [p["caption"] for p in prompts], next(model.parameters()).device)
+    total = {w: {s: dict.fromkeys(ATTRS, 0.0) for s in ("seen", "held_out")} for w in scales}
+    t0 = time.time()
+    for r in range(repeats):
+        res = shapes_adherence(model, scheduler, prompts, cond, uncond, scales, steps, seed + r, sampler=sampler)
+        for w in scales:
+            for split in res[w]:
+                for a in ATTRS:
+                    total[w][split][a] += res[w][split][a] / repeats
+    seconds_per_image = (time.time() - t0) / (repeats * len(scales) * len(prompts))
+    return total, seconds_per_image
+
+
+def main(argv):
+    C = parse_overrides(argv, DEFAULTS)
+    scales = [float(w) for w in C["guidance_scales"].split(",")]
+    path = find_checkpoint(C["checkpoint"])
+    if path is None:
+        raise UserError(f"no checkpoint in {C['checkpoint']}: pass --checkpoint=<ckpt.pt or run folder>")
+    ckpt = load_checkpoint(path)
+    if ckpt["dataset"] != "shapes":
+        raise UserError(f"{path} was trained on {ckpt['dataset']}: the judge only knows the shapes dataset")
+    model = build_model(ckpt, "ema" if C["use_ema"] else "model").eval()
+    scheduler = NoiseScheduler(ckpt["num_timesteps"])
+    encoder = TextEncoder(ckpt["text_encoder"])
+    res, spi = score(model, scheduler, encoder, scales, C["sampler"], C["steps"], C["seed"], C["repeats"])
+
+    how = f"{C['sampler']}" + (f"-{C['steps']}" if C["sampler"] == "ddim" else "")
+    print(f"checkpoint {path} (step {ckpt['step']}), {how}, {C['repeats']} seeds x {len(__import__('shapes').eval_prompts())} prompts, "
+          f"{spi:.3f} s/image")
+    print(f"| attribute | split | " + " | ".join(f"w={w:g}" for w in scales) + " |")
+    print("|---|---|" + "---|" * len(scales))
+    for split in ("seen", "held_out"):
+        for a in ATTRS:
+            print(f"| {a} | {split.replace('_', '-')} | " + " | ".join(f"{res[w][split][a]:.2f}" for w in scales) + " |")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, split in zip(axes, ("seen", "held_out")):
+        for a in ATTRS:
+            ax.plot(scales, [res[w][split][a] for w in scales], marker="o", label=a)
+        ax.set_title(f"{split.replace('_', '-')} color x shape pairs")
+        ax.set_xlabel("guidance scale w")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("adherence (judge)")
+    axes[1].legend(loc="lower right")
+    fig.suptitle(f"step {ckpt['step']}, {how}")
+    fig.tight_layout()
+    out = C["plot"] or os.path.join(os.path.dirname(path), "adherence.png")
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+    return res
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

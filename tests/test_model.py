@@ -1,0 +1,243 @@
+"""Exact checks of diffusion_model.py: every quantity is compared with the same quantity computed
+another way (closed forms, separate forward passes, a second run)."""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusion_model import (CrossAttention, NoiseScheduler, ResnetBlock, SpatialTransformer, UNet, UNetConfig,  # noqa: E402
+                             ddim_step, ddim_timesteps, diffusion_loss, guided_eps, sample, timestep_embedding)
+
+TINY = dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), n_heads=2, context_dim=16)
+
+
+def tiny_unet(image_size=16, **kw):
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(image_size=image_size, **{**TINY, **kw}))
+    # zero-initialised output layers would make every prediction 0 and hide bugs: randomise them
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0 and p.dim() > 1:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def text(B, L, D=16, real=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(B, L, D, generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    if real is not None:
+        mask[:, real:] = False
+    return ctx, mask
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def test_timestep_embedding_is_sin_cos_of_geometric_frequencies():
+    t = torch.tensor([0, 7, 999])
+    emb = timestep_embedding(t, 8)
+    assert emb.shape == (3, 8)
+    freqs = [10000 ** (-i / 4) for i in range(4)]
+    expected = [[math.cos(tt * f) for f in freqs] + [math.sin(tt * f) for f in freqs] for tt in (0, 7, 999)]
+    assert torch.allclose(emb, torch.tensor(expected), atol=1e-4)
+
+
+def test_block_shapes():
+    temb = torch.randn(2, 64)
+    assert ResnetBlock(32, 64, 64)(torch.randn(2, 32, 8, 8), temb).shape == (2, 64, 8, 8)
+    assert ResnetBlock(64, 64, 64)(torch.randn(2, 64, 4, 4), temb).shape == (2, 64, 4, 4)
+    ctx, mask = text(2, 5, 24)
+    assert SpatialTransformer(64, 4, 24)(torch.randn(2, 64, 8, 8), ctx, mask).shape == (2, 64, 8, 8)
+    assert CrossAttention(64, 24, 4)(torch.randn(2, 10, 64), ctx, mask).shape == (2, 10, 64)
+
+
+@pytest.mark.parametrize("image_size", [16, 32])
+@pytest.mark.parametrize("L", [1, 9])
+def test_unet_output_shape(image_size, L):
+    model = tiny_unet(image_size)
+    x = torch.randn(3, 3, image_size, image_size)
+    ctx, mask = text(3, L)
+    assert model(x, torch.tensor([0, 5, 999]), ctx, mask).shape == x.shape
+
+
+def test_indivisible_image_size_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        UNetConfig(image_size=30, channel_mults=(1, 2, 2))
+
+
+def test_untrained_unet_predicts_zero():
+    # zero-initialised conv_out: training starts from eps_theta = 0, a stable starting point
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(image_size=16, **TINY))
+    ctx, mask = text(2, 4)
+    assert model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), ctx, mask).abs().max() == 0
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_cosine_schedule_matches_closed_form():
+    T, s = 1000, 0.008
+    sch = NoiseScheduler(T)
+    abar = sch.alphas_cumprod.double()
+    assert (abar[1:] < abar[:-1]).all(), "strictly decreasing"
+    assert abar[0] > 0.9999 and abar[-1] < 1e-4
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    closed = torch.tensor([f(t + 1) / f(0) for t in range(T)], dtype=torch.float64)
+    unclipped = sch.betas < 0.999  # the clip only touches the very last steps
+    assert unclipped[: T - 5].all()
+    assert torch.allclose(abar[: T - 5], closed[: T - 5], rtol=1e-5, atol=1e-7)
+    assert sch.betas.max() <= 0.999
+
+
+def test_q_sample_at_t0_is_x0_and_predict_x0_inverts_it():
+    sch = NoiseScheduler(1000)
+    x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    assert torch.allclose(sch.q_sample(x0, torch.zeros(4, dtype=torch.long), noise), x0, atol=0.03)
+    t = torch.tensor([0, 10, 500, 998])
+    x_t = sch.q_sample(x0, t, noise)
+    assert torch.allclose(sch.predict_x0(x_t, t, noise), x0, atol=1e-3)
+    assert torch.allclose(sch.predict_eps(x_t, t, x0), noise, atol=1e-3)
+
+
+def test_posterior_matches_closed_form_at_random_t():
+    sch = NoiseScheduler(1000)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(1, 990, (16,), generator=g)  # below the last steps, where beta is clipped
+    x0, x_t = torch.randn(16, 3, 4, 4, generator=g), torch.randn(16, 3, 4, 4, generator=g)
+    mean, var = sch.q_posterior(x0, x_t, t)
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    for i, ti in enumerate(t.tolist()):
+        a_t, a_prev = torch.tensor(f(ti + 1) / f(0), dtype=torch.float64), torch.tensor(f(ti) / f(0), dtype=torch.float64)
+        beta = 1 - a_t / a_prev
+        exp_mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0[i].double() + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x_t[i].double()
+        exp_var = (1 - a_prev) / (1 - a_t) * beta
+        assert torch.allclose(mean[i].double(), exp_mean, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(var[i].double().flatten()[0], exp_var, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def test_padded_tokens_are_ignored_and_real_tokens_matter():
+    model = tiny_unet()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([100, 700])
+    ctx, mask = text(2, 6, real=3)
+    out = model(x, t, ctx, mask)
+    padded = ctx.clone()
+    padded[:, 4] += 5.0  # a masked (padding) token
+    assert torch.allclose(model(x, t, padded, mask), out, atol=1e-6)
+    real = ctx.clone()
+    real[:, 1] += 5.0  # a real token
+    assert (model(x, t, real, mask) - out).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def test_cfg_scale_one_is_conditional_and_zero_is_unconditional():
+    model = tiny_unet()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    cond, uncond = text(2, 4, seed=1), text(2, 4, seed=2)
+    eps_c, eps_u = model(x, t, *cond), model(x, t, *uncond)
+    assert torch.allclose(guided_eps(model, x, t, cond, uncond, 1.0), eps_c, atol=1e-5)
+    assert torch.allclose(guided_eps(model, x, t, cond, uncond, 0.0), eps_u, atol=1e-5)
+    assert torch.allclose(guided_eps(model, x, t, cond, uncond, 3.0), eps_u + 3 * (eps_c - eps_u), atol=1e-5)
+
+
+def test_cfg_is_one_batched_forward():
+    model = tiny_unet()
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    cond, uncond = text(2, 4, seed=1), text(1, 4, seed=2)
+    sample(model, NoiseScheduler(50), cond, uncond, guidance_scale=2.0, sampler="ddim", steps=5)
+    assert calls == [4] * 5  # one forward of 2 x batch per step
+
+
+def test_ddim_timesteps_trailing():
+    assert ddim_timesteps(1000, 10) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert ddim_timesteps(20, 20) == list(range(19, -1, -1))
+    for bad in (0, 21):
+        with pytest.raises(ValueError, match="steps must be between 1 and 20"):
+            ddim_timesteps(20, bad)
+
+
+def test_ddim_eta1_all_steps_is_the_ddpm_posterior():
+    sch = NoiseScheduler(1000).double()  # float64: the two formulas agree up to the buffers' float32 rounding
+    g = torch.Generator().manual_seed(3)
+    for t in (999, 500, 37, 1):
+        x0 = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+        x_t = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+        _, mean, var = ddim_step(sch, x_t, t, t - 1, x0, eta=1.0, noise=torch.zeros_like(x_t))
+        post_mean, post_var = sch.q_posterior(x0, x_t, torch.full((2,), t))
+        assert torch.allclose(mean, post_mean, atol=1e-6), t
+        assert torch.allclose(var, post_var[0].flatten()[0], rtol=1e-5), t
+
+
+def test_ddim_eta0_is_deterministic_and_ddpm_is_seeded():
+    model, sch = tiny_unet(), NoiseScheduler(40)
+    cond = text(2, 4)
+    a = sample(model, sch, cond, sampler="ddim", steps=8, eta=0.0, generator=0)
+    b = sample(model, sch, cond, sampler="ddim", steps=8, eta=0.0, generator=0)
+    assert torch.equal(a, b)
+    # eta = 0 draws only the starting noise: another generator state changes only x_T
+    d1 = sample(model, sch, cond, sampler="ddpm", generator=5)
+    d2 = sample(model, sch, cond, sampler="ddpm", generator=torch.Generator().manual_seed(5))
+    d3 = sample(model, sch, cond, sampler="ddpm", generator=6)
+    assert torch.equal(d1, d2)
+    assert (d1 - d3).abs().max() > 1e-2
+    assert d1.min() >= -1 and d1.max() <= 1
+
+
+def test_sampler_rejects_bad_arguments():
+    model, sch, cond = tiny_unet(), NoiseScheduler(10), text(1, 3)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        sample(model, sch, cond, cond, guidance_scale=-1)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(model, sch, cond, sampler="euler")
+    with pytest.raises(ValueError, match="steps"):
+        sample(model, sch, cond, sampler="ddim", steps=11)
+
+
+# ----------------------------------------------------------------------------- training signal
+
+
+def test_one_loss_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(image_size=16, **TINY)).train()
+    sch = NoiseScheduler(100)
+    ctx, mask = text(4, 5, real=3)
+    # three steps: at init the zero-initialised layers (conv_out, then each block's last conv)
+    # block the gradient to what lies before them, one layer of zeros per step
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        diffusion_loss(model, sch, torch.rand(4, 3, 16, 16) * 2 - 1, ctx, mask).backward()
+        opt.step()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, f"parameters without gradient: {dead}"
+
+
+def test_samplers_recover_the_single_image_of_a_point_mass():
+    """If the data is one image x*, the exact noise predictor is eps(x_t, t) = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t).
+    With it every sampler, guided or not, must land on x*."""
+    sch = NoiseScheduler(1000)
+    target = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    class Oracle(torch.nn.Module):
+        cfg = UNetConfig(image_size=8, base_channels=32, channel_mults=(1,), attention_levels=())
+
+        def forward(self, x, t, context, mask):
+            abar = sch.alphas_cumprod[t][:, None, None, None]
+            return (x - abar.sqrt() * target) / (1 - abar).sqrt()
+
+    cond = (torch.zeros(2, 1, 4), torch.ones(2, 1, dtype=torch.bool))
+    for kw in (dict(sampler="ddpm"), dict(sampler="ddim", steps=25), dict(sampler="ddim", steps=10, eta=1.0)):
+        for w in (1.0, 3.0):
+            out = sample(Oracle(), sch, cond, cond, guidance_scale=w, generator=0, **kw)
+            assert torch.allclose(out, target.expand_as(out), atol=1e-4), (kw, w)

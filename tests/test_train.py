@@ -1,0 +1,166 @@
+"""train_diffusion.py end to end on tiny offline runs (built-in shapes, packaged MiniLM)."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_diffusion as td
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset=shapes", "--text_encoder=minilm", "--shapes_num_images=256", "--image_size=16", "--base_channels=32",
+        "--channel_mults=1,2", "--num_res_blocks=1", "--attention_levels=1", "--n_heads=2", "--batch_size=16",
+        "--wandb_mode=disabled", "--sample_steps=3", "--eval_images=32", "--warmup_steps=5", "--lr=1e-3"]
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_script(args, timeout=300, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_tiny_shapes_run_learns(tmp_path):
+    run_dir = td.main(TINY + ["--max_steps=60", "--eval_interval=30", "--ckpt_interval=30", f"--out_dir={tmp_path}"])
+    vals = [r["val/loss"] for r in read_log(run_dir) if "val/loss" in r]
+    assert len(vals) == 3  # steps 0, 30, 60
+    assert vals[-1] < 0.6 * vals[0], vals
+    ckpt = td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    assert ckpt["step"] == 60 and ckpt["dataset"] == "shapes" and ckpt["text_encoder"] == "minilm"
+    assert ckpt["model_args"]["context_dim"] == 384 and ckpt["model_args"]["image_size"] == 16
+    assert {"model", "ema", "optimizer", "rng", "lr_schedule", "config"} <= set(ckpt)
+    assert os.path.isfile(os.path.join(run_dir, "samples_0000060.png"))
+    # the EMA has moved away from the initial weights but is not the raw model
+    assert not torch.equal(ckpt["ema"]["conv_out.weight"], ckpt["model"]["conv_out.weight"])
+
+
+def test_auto_falls_back_offline_with_banner(tmp_path, capsys):
+    args = [a for a in TINY if not a.startswith(("--dataset", "--text_encoder"))]
+    run_dir = td.main(args + ["--max_steps=0", f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert "Hugging Face Hub cannot be reached" in err and "--dataset=shapes" in err
+    ckpt = td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    assert ckpt["dataset"] == "shapes" and ckpt["text_encoder"] == "minilm"
+
+
+def test_caption_embeddings_are_computed_once_per_distinct_caption():
+    seen = []
+
+    def fake_encoder(captions):
+        seen.extend(captions)
+        L = 2 + max(len(c.split()) for c in captions)
+        return torch.arange(len(captions) * L * 3, dtype=torch.float).view(len(captions), L, 3), torch.ones(len(captions), L, dtype=torch.bool)
+
+    captions = ["a red circle", "a blue square", "a red circle", "", "a blue square", "a red circle"]
+    table, mask, rows = td.encode_captions(fake_encoder, captions, batch=2)
+    assert sorted(seen) == sorted(["", "a red circle", "a blue square"])  # each once, the empty one included
+    assert rows[0] == rows[2] == rows[5] and rows[1] == rows[4] and rows[3] == 0  # row 0 is ""
+    assert table.shape[:2] == mask.shape and table.shape[0] == 3
+
+
+def test_minilm_gives_token_features_with_mask():
+    enc = td.TextEncoder("minilm")
+    ctx, mask = enc(["a small red circle in the top left", ""])
+    assert ctx.shape[0] == 2 and ctx.shape[2] == 384 and mask.shape == ctx.shape[:2]
+    assert mask[0].sum() > mask[1].sum() == 2  # "" is [CLS] [SEP]
+    assert enc.count_truncated(["word " * 200]) == 1
+
+
+def test_imagefolder_dataset(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = []
+    for i in range(20):
+        mode = ("RGB", "RGBA", "L", "P")[i % 4]
+        img = Image.new("RGB", (24 + i, 20), (10 * i, 255 - 10 * i, 128)).convert(mode)
+        img.save(folder / f"{i:02d}.png")
+        rows.append({"file_name": f"{i:02d}.png", "text": f"a picture number {i % 5}"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    args = [a for a in TINY if not a.startswith(("--dataset", "--batch_size"))]
+    run_dir = td.main(args + [f"--dataset={folder}", "--batch_size=4", "--max_steps=3", f"--out_dir={tmp_path / 'out'}"])
+    ckpt = td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    assert ckpt["dataset"] == str(folder) and ckpt["step"] == 3
+
+
+def test_images_become_rgb_squares_on_white():
+    from PIL import Image
+
+    transparent = Image.new("RGBA", (40, 20), (255, 0, 0, 0))
+    out = td.to_rgb_square(transparent, 16)
+    assert out.mode == "RGB" and out.size == (16, 16)
+    assert td.pil_to_uint8(out).min() == 255  # fully transparent -> white
+    gray16 = Image.new("I;16", (30, 30), 40000)
+    assert td.to_rgb_square(gray16, 8).size == (8, 8)
+
+
+def test_offline_wandb_run_holds_keys_and_image(tmp_path):
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    args = [a for a in TINY if not a.startswith("--wandb_mode")]
+    run_dir = td.main(args + ["--wandb_mode=offline", "--max_steps=4", "--log_interval=1", "--sample_interval=4",
+                              "--eval_interval=4", f"--out_dir={tmp_path}"])
+    (path,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    ds = datastore.DataStore()
+    ds.open_for_scan(path)
+    keys, config = set(), set()
+    while (data := ds.scan_data()) is not None:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        if rec.WhichOneof("record_type") == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+        if rec.WhichOneof("record_type") == "config":
+            config |= {item.key for item in rec.config.update}
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "val/loss", "samples"} <= keys, keys
+    assert {"lr", "batch_size", "dataset", "text_encoder"} <= config
+    assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "files", "media", "images", "samples_*.png"))
+
+
+def test_override_errors_are_one_line_with_exit_code_2():
+    for args, expected in ((["--nope=1"], "unknown key --nope"), (["--lr=fast"], "--lr=fast: expected a number"),
+                           (["--batch_size=1.5"], "expected an integer"), (["lr=1"], "write --key=value")):
+        r = run_script(["train_diffusion.py", *args], timeout=120)
+        assert r.returncode == 2, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert "valid keys" in run_script(["train_diffusion.py", "--nope=1"], timeout=120).stderr
+
+
+def test_resume_after_sigint_matches_uninterrupted_run(tmp_path):
+    common = TINY + ["--max_steps=40", "--log_interval=1", "--ckpt_interval=1000", "--eval_interval=1000", "--sample_interval=1000"]
+    ref_dir = td.main(common + [f"--out_dir={tmp_path / 'ref'}"])
+    ref = {r["step"]: r["train/loss"] for r in read_log(ref_dir) if "train/loss" in r}
+
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "train_diffusion.py", *common, f"--out_dir={out}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        logs = glob.glob(str(out / "*" / "log.jsonl"))
+        if logs and sum(1 for _ in open(logs[0])) >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
+    (run_dir,) = glob.glob(str(out / "*"))
+    k = td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["step"]
+    assert 8 <= k < 40
+
+    td.main(common + [f"--out_dir={out}", "--resume=auto"])
+    resumed = [r for r in read_log(run_dir) if "train/loss" in r][k:]  # the lines after the interruption
+    assert [r["step"] for r in resumed] == list(range(k + 1, 41))
+    for r in resumed:
+        assert abs(r["train/loss"] - ref[r["step"]]) < 1e-4 * max(1.0, ref[r["step"]]), (r, ref[r["step"]])
