@@ -450,8 +450,9 @@ def sample(model, scheduler, cond, uncond=None, guidance_scale=1.0, sampler="ddp
     sampler "ddpm": ancestral sampling over all T steps (Algorithm 2 of Ho et al. 2020) with the
         posterior variance; sampler "ddim": `steps` trailing steps, eta = 0 deterministic,
         eta = 1 stochastic like DDPM.
-    guidance_scale w: 1 = conditional only (one forward a step); otherwise classifier-free
-        guidance with the unconditional `uncond` (context and mask of batch 1 or B).
+    guidance_scale w: 1 = conditional only, 0 = unconditional only (one forward a step);
+        otherwise classifier-free guidance with the unconditional `uncond` (context and mask of
+        batch 1 or B), one forward of a doubled batch a step.
     generator: a seed or a CPU torch.Generator. All noise is drawn on the CPU and then moved, so a
         seed gives the same images on every run (and the same starting noise on every device).
     callback(i, t, x_t, x0_pred) is called at every step, e.g. to keep a trajectory.
@@ -476,8 +477,10 @@ def sample(model, scheduler, cond, uncond=None, guidance_scale=1.0, sampler="ddp
     x = randn()  # x_T ~ N(0, I)
     for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False)):
         tt = torch.full((B,), t, device=device, dtype=torch.long)
-        if guidance_scale == 1.0:
+        if guidance_scale == 1.0:  # the guided formula reduces to one of its two terms: skip the other
             eps = model(x, tt, context, mask)
+        elif guidance_scale == 0.0:
+            eps = model(x, tt, *uncond)
         else:
             eps = guided_eps(model, x, tt, cond, uncond, guidance_scale)
         x0 = scheduler.predict_x0(x, tt, eps.float()).clamp(-1, 1)

@@ -518,16 +518,14 @@ def setup_device(C):
     return SimpleNamespace(ddp=ddp, rank=rank, world=world, device=dev, autocast=autocast, master=rank == 0)
 
 
-def make_batch_indices(step, n, batch, rank, world, seed):
-    """The image indices of `step` for this rank: each epoch is one permutation of the training
-    set (the same on every rank), sharded rank::world, cut into batches. A pure function of the
-    step, so resuming at any step replays the same data."""
-    per_rank = n // world
-    steps_per_epoch = per_rank // batch
+def global_batch_indices(step, n, global_batch, seed):
+    """The image indices of global batch `step`: each epoch is one permutation of the training set
+    cut into global batches; under torchrun rank r trains on slice r of it. A pure function of the
+    step, so a resumed run replays the same data, and N ranks see what one process would."""
+    steps_per_epoch = n // global_batch
     epoch, pos = divmod(step, steps_per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    shard = perm[rank:per_rank * world:world]
-    return shard[pos * batch:(pos + 1) * batch]
+    return perm[pos * global_batch:(pos + 1) * global_batch]
 
 
 # -----------------------------------------------------------------------------
@@ -644,20 +642,20 @@ def main(argv):
     signal.signal(signal.SIGTERM, request_stop)
 
     def checkpoint():
+        rng = dict(torch=gather_rng(sysinfo, torch.get_rng_state()),  # a collective: every rank takes part
+                   cuda=[torch.cuda.get_rng_state(dev)] if dev.type == "cuda" else [])
         if not master:
             return
         state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
                      model_args=dataclasses.asdict(model_cfg), num_timesteps=C.num_timesteps, text_encoder=C.text_encoder,
                      dataset=data_name, config=vars(C), wandb_id=wandb_run.id if wandb_run else None,
-                     lr_schedule=dict(lr=C.lr, min_lr=C.min_lr, warmup_steps=C.warmup_steps, max_steps=C.max_steps),
-                     rng=dict(torch=gather_rng(sysinfo, torch.get_rng_state()),
-                              cuda=[torch.cuda.get_rng_state(dev)] if dev.type == "cuda" else []))
+                     lr_schedule=dict(lr=C.lr, min_lr=C.min_lr, warmup_steps=C.warmup_steps, max_steps=C.max_steps), rng=rng)
         save_checkpoint(os.path.join(run_dir, CKPT_NAME), state)
 
     # -------------------------------------------------------------------------- training loop
     bar = tqdm(total=C.max_steps, initial=step, desc="training", disable=not master, dynamic_ncols=True)
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-    last_good_step, t_last, imgs_per_s, loss_ema = step, time.time(), 0.0, None
+    last_good_step, busy, imgs_per_s, loss_ema = step, 0.0, 0.0, None  # busy: seconds in training steps since the last log
     model.train()
     while True:
         lr_now = lr_at(step, C)
@@ -666,7 +664,8 @@ def main(argv):
         last = step == C.max_steps
         stopping = stop_requested(sysinfo, stop["signal"])
 
-        if bool(nonfinite):  # synchronises only at the boundaries below, never each step
+        saving = (step % C.ckpt_interval == 0 and step > 0) or last or stopping
+        if (step % C.log_interval == 0 or saving) and any_rank(sysinfo, nonfinite):  # a sync only now and then
             bar.close()
             raise UserError(f"the loss became NaN or inf before step {step}: training stopped; the last good checkpoint "
                             f"(step {last_good_step}) in {run_dir} is kept. Lower --lr or raise --warmup_steps")
@@ -696,24 +695,29 @@ def main(argv):
                 import wandb
 
                 wandb_run.log({"samples": wandb.Image(grid_path, caption=" | ".join(sample_prompts))}, step=step)
-        if (step % C.ckpt_interval == 0 and step > 0) or last or stopping:
+        if saving:
             checkpoint()
             last_good_step = step
         if last or stopping:
             break
 
-        # forward, backward, step: all randomness of step k comes from (seed, rank, k)
-        g = torch.Generator(device=dev).manual_seed(C.seed * 1_000_003 + step * 1009 + sysinfo.rank)
-        idx = make_batch_indices(step, len(train_images), C.batch_size, sysinfo.rank, sysinfo.world, C.seed).to(dev)
+        # forward, backward, step. All randomness of step k is drawn for the global batch from
+        # (seed, k) and each rank takes its slice: resumable, and identical to one big process.
+        t_step = time.time()
+        G, B = C.batch_size * sysinfo.world, C.batch_size
+        g = torch.Generator(device=dev).manual_seed(C.seed * 1_000_003 + step)
+        drop = torch.rand(G, generator=g, device=dev) < C.p_uncond
+        flip = torch.rand(G, generator=g, device=dev) < 0.5
+        t = torch.randint(0, C.num_timesteps, (G,), generator=g, device=dev)
+        noise = torch.randn((G, *train_images.shape[1:]), generator=g, device=dev)
+        mine = slice(sysinfo.rank * B, (sysinfo.rank + 1) * B)
+        idx = global_batch_indices(step, len(train_images), G, C.seed)[mine].to(dev)
         x0 = train_images[idx].float() / 127.5 - 1  # (B, 3, S, S) in [-1, 1]
-        r = train_rows[idx]
-        r = torch.where(torch.rand(r.shape, generator=g, device=dev) < C.p_uncond, 0, r)  # caption dropout: row 0 = ""
         if flip_ok:
-            x0 = torch.where(torch.rand(x0.shape[0], 1, 1, 1, generator=g, device=dev) < 0.5, x0.flip(3), x0)
-        t = torch.randint(0, C.num_timesteps, (x0.shape[0],), generator=g, device=dev)
-        noise = torch.randn(x0.shape, generator=g, device=dev)
+            x0 = torch.where(flip[mine, None, None, None], x0.flip(3), x0)
+        r = torch.where(drop[mine], 0, train_rows[idx])  # caption dropout: row 0 is the empty caption
         with sysinfo.autocast:
-            loss = diffusion_loss(train_model, scheduler, x0, ctx_table[r], ctx_mask[r], t, noise)
+            loss = diffusion_loss(train_model, scheduler, x0, ctx_table[r], ctx_mask[r], t[mine], noise[mine])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)
@@ -722,11 +726,12 @@ def main(argv):
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         nonfinite |= ~torch.isfinite(loss.detach())
         step += 1
+        busy += time.time() - t_step
 
+        if step % C.log_interval == 0:
+            lossf = all_mean(sysinfo, loss.detach()) if sysinfo.ddp else loss.item()
         if step % C.log_interval == 0 and master:
-            dt, t_last = time.time() - t_last, time.time()
-            imgs_per_s = C.log_interval * C.batch_size * sysinfo.world / dt
-            lossf = loss.item()
+            imgs_per_s, busy = C.log_interval * C.batch_size * sysinfo.world / busy, 0.0
             loss_ema = lossf if loss_ema is None else 0.9 * loss_ema + 0.1 * lossf
             bar.set_postfix(loss=f"{lossf:.4f}", img_s=f"{imgs_per_s:.0f}")
             log = {"train/loss": lossf, "train/lr": lr_now, "train/grad_norm": grad_norm.item(), "train/images_per_s": imgs_per_s}
@@ -736,6 +741,8 @@ def main(argv):
         bar.update(1)
     bar.close()
 
+    if sysinfo.ddp:  # DDP keeps replicas in lockstep; check it, as a DDP bug would otherwise pass silently
+        check_replicas_identical(sysinfo, model)
     if master:
         print(f"{'stopped by signal at' if stopping and not last else 'finished at'} step {step}; checkpoint {os.path.join(run_dir, CKPT_NAME)}")
     if wandb_run:
@@ -755,6 +762,25 @@ def write_log(run_dir, step, metrics):
         f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def any_rank(sysinfo, flag):
+    """True if `flag` (a bool tensor) is true on any rank."""
+    if sysinfo.ddp:
+        import torch.distributed as dist
+
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def all_mean(sysinfo, x):
+    """The mean of a scalar tensor over ranks, as a float (the loss of the global batch)."""
+    import torch.distributed as dist
+
+    x = x.float().clone()
+    dist.all_reduce(x)
+    return x.item() / sysinfo.world
+
+
 def stop_requested(sysinfo, local_signal):
     """Under torchrun every rank must stop at the same step, so the flag is all-reduced."""
     if not sysinfo.ddp:
@@ -764,6 +790,21 @@ def stop_requested(sysinfo, local_signal):
     flag = torch.tensor([1 if local_signal else 0], device=sysinfo.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def check_replicas_identical(sysinfo, model):
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
+    mine = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype).sin()).sum()])
+    theirs = mine.clone()
+    dist.broadcast(theirs, src=0)
+    same = torch.tensor([int(torch.equal(mine, theirs))], device=mine.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    if not bool(same):
+        raise RuntimeError("DDP replicas diverged: the ranks hold different weights")
+    if sysinfo.master:
+        print(f"all {sysinfo.world} ranks hold identical weights")
 
 
 def gather_rng(sysinfo, state):

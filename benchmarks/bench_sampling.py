@@ -1,0 +1,124 @@
+"""
+Sampling speed against quality on a `shapes` checkpoint: seconds per image and judged adherence for
+DDPM over all 1000 steps and DDIM with 50, 25 and 10 steps, each without (w = 1) and with
+classifier-free guidance (w = --guidance).
+
+    python benchmarks/bench_sampling.py                                   # latest run in diffusion_results
+    python benchmarks/bench_sampling.py --checkpoint=diffusion_results/<run> --guidance=3 --repeats=3
+    python benchmarks/bench_sampling.py --samplers=ddim25,ddim10          # any of ddpm, ddim<steps>
+
+Each (sampler, guidance) samples all 27 prompts of shapes.eval_prompts() as one batch, `repeats`
+times with seeds seed, seed+1, ..., through benchmarks/adherence.py's score(), which also judges the
+images; s/image is its wall time (sampling plus the judge) over the images drawn, after a short
+warm-up. The table shows adherence on the seen color x shape pairs (15 prompts a repeat, so one
+image moves a number by 0.067: use --repeats=3 or more before reading differences of 0.02).
+A forward hook on the U-Net counts its calls: with guidance each step is still one forward, over a
+doubled batch (conditional + unconditional captions). Sampling runs in fp32, as in adherence.py.
+
+Keys (--key=value): checkpoint (ckpt.pt, run folder or out_dir), guidance, repeats, seed, samplers,
+device (auto|cpu|cuda), use_ema.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import shapes  # noqa: E402
+from benchmarks.adherence import score  # noqa: E402
+from diffusion_model import NoiseScheduler  # noqa: E402
+from train_diffusion import (UserError, TextEncoder, build_model, find_checkpoint, load_checkpoint,  # noqa: E402
+                             parse_overrides, run_cli)
+
+DEFAULTS = dict(checkpoint="diffusion_results", guidance=3.0, repeats=1, seed=0, samplers="ddpm,ddim50,ddim25,ddim10",
+                device="auto", use_ema=True)
+ATTRS = ("color", "shape", "position", "size")
+
+
+def parse_samplers(text, num_timesteps):
+    """"ddpm,ddim50" -> [("ddpm", T), ("ddim", 50)]."""
+    samplers = []
+    for name in text.split(","):
+        name = name.strip()
+        if name == "ddpm":
+            samplers.append(("ddpm", num_timesteps))
+        elif name.startswith("ddim") and name[4:].isdigit() and 1 <= int(name[4:]) <= num_timesteps:
+            samplers.append(("ddim", int(name[4:])))
+        else:
+            raise UserError(f"--samplers: cannot read {name!r}: use ddpm or ddim<steps> with 1 <= steps <= {num_timesteps}, "
+                            f"e.g. ddpm,ddim50,ddim25")
+    return samplers
+
+
+def main(argv):
+    C = parse_overrides(argv, DEFAULTS)
+    if C["device"] not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device={C['device']}: use auto, cpu or cuda")
+    if C["device"] == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu")
+    if C["repeats"] < 1:
+        raise UserError("--repeats must be >= 1")
+    device = torch.device("cuda" if C["device"] == "cuda" or (C["device"] == "auto" and torch.cuda.is_available()) else "cpu")
+    path = find_checkpoint(C["checkpoint"])
+    if path is None:
+        raise UserError(f"no checkpoint in {C['checkpoint']}: pass --checkpoint=<ckpt.pt or run folder>")
+    ckpt = load_checkpoint(path)
+    if ckpt["dataset"] != "shapes":
+        raise UserError(f"{path} was trained on {ckpt['dataset']}: the judge only knows the shapes dataset")
+    samplers = parse_samplers(C["samplers"], ckpt["num_timesteps"])
+    model = build_model(ckpt, "ema" if C["use_ema"] else "model").to(device).eval()
+    scheduler = NoiseScheduler(ckpt["num_timesteps"]).to(device)
+    encoder = TextEncoder(ckpt["text_encoder"])
+    guidances = [1.0] if C["guidance"] == 1.0 else [1.0, C["guidance"]]
+    n_prompts = len(shapes.eval_prompts())
+    n_seen = sum(not p["held_out"] for p in shapes.eval_prompts())
+
+    forward_batches = []  # the batch size of every U-Net call
+    model.register_forward_hook(lambda module, inputs, output: forward_batches.append(inputs[0].shape[0]))
+    score(model, scheduler, encoder, [C["guidance"]], "ddim", 2, C["seed"], 1)  # warm-up, not reported
+
+    print(f"checkpoint {path} (step {ckpt['step']}, {ckpt['model_args']['image_size']}px) on {device}, "
+          f"{C['repeats']} repeat(s), seed {C['seed']}")
+    rows = []
+    for sampler, steps in samplers:
+        for w in guidances:
+            forward_batches.clear()
+            res, seconds_per_image = score(model, scheduler, encoder, [w], sampler, steps, C["seed"], C["repeats"])
+            forwards_per_step = len(forward_batches) / (steps * C["repeats"])
+            rows.append(dict(sampler=sampler, steps=steps, w=w, spi=seconds_per_image, fps=forwards_per_step,
+                             batch=sorted(set(forward_batches)), seen=res[w]["seen"], held_out=res[w]["held_out"]))
+            print(f"{sampler}-{steps} w={w:g}: {seconds_per_image:.4f} s/image, {forwards_per_step:g} forwards/step "
+                  f"(batch {rows[-1]['batch']}), seen " + " ".join(f"{a} {res[w]['seen'][a]:.2f}" for a in ATTRS), flush=True)
+
+    print(f"\n| sampler | steps | guidance | s/image | forwards/step | {' | '.join(ATTRS)} |")
+    print("|---|---|---|---|---|" + "---|" * len(ATTRS))
+    for r in rows:
+        print(f"| {r['sampler']} | {r['steps']} | {r['w']:g} | {r['spi']:.4f} | {r['fps']:g} | "
+              + " | ".join(f"{r['seen'][a]:.2f}" for a in ATTRS) + " |")
+    print("(adherence on the seen color x shape pairs; forwards/step counts U-Net calls per sampling step)")
+    for w in guidances:
+        batches = sorted({b for r in rows if r["w"] == w for b in r["batch"]})
+        print(f"w={w:g}: every U-Net call carries {batches} images "
+              + (f"(the {n_prompts} prompts, conditional only)" if w == 1.0 else
+                 f"({n_prompts} conditional + {n_prompts} unconditional: CFG doubles the batch, not the calls)"))
+
+    by_key = {(r["sampler"], r["steps"], r["w"]): r for r in rows}
+    T = ckpt["num_timesteps"]
+    for w in guidances:
+        ddpm, ddim25 = by_key.get(("ddpm", T, w)), by_key.get(("ddim", 25, w))
+        if ddpm is None or ddim25 is None:
+            continue
+        diffs = {a: ddim25["seen"][a] - ddpm["seen"][a] for a in ATTRS}
+        worst = max(abs(d) for d in diffs.values())
+        print(f"DDIM-25 vs DDPM-{T} at w={w:g}: adherence differences (DDIM - DDPM, seen) "
+              + ", ".join(f"{a} {d:+.2f}" for a, d in diffs.items())
+              + f"; largest {worst:.2f} -> {'within' if worst <= 0.02 + 1e-9 else 'NOT within'} 0.02 "
+              f"(resolution {1 / (n_seen * C['repeats']):.3f}: one image of {n_seen} seen prompts x {C['repeats']} repeat(s)); "
+              f"DDIM-25 is {ddpm['spi'] / ddim25['spi']:.1f}x faster")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

@@ -1,0 +1,90 @@
+"""sample_diffusion.py: the two files, determinism, the trajectory strip, and its errors."""
+
+import hashlib
+import os
+
+import pytest
+import torch
+
+import sample_diffusion as sd
+import train_diffusion as td
+from test_train import TINY, run_script
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    return td.main(TINY + ["--max_steps=10", "--eval_interval=1000", f"--out_dir={out}"])
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_writes_both_files_grids_and_singles(run_dir, tmp_path, capsys):
+    sd.main([f"--checkpoint={run_dir}", "--sampler=ddim", "--steps=3", "--num_images=2", f"--out_dir={tmp_path}"])
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["generated_image_pokemon.png", "generated_image_pokemon_000.png", "generated_image_pokemon_001.png",
+                     "generated_image_pokemon_cfg.png", "generated_image_pokemon_cfg_000.png", "generated_image_pokemon_cfg_001.png"]
+    from PIL import Image
+
+    grid, single = Image.open(tmp_path / "generated_image_pokemon_cfg.png"), Image.open(tmp_path / "generated_image_pokemon_000.png")
+    assert single.size == (16 + 4, 16 + 4)  # one 16 px image and its frame
+    assert grid.width == 2 * 16 + 3 * 2 and grid.height == 16 + 4
+    assert "text encoder minilm" in capsys.readouterr().out  # the checkpoint's encoder, named
+
+
+def test_same_seed_gives_byte_identical_pngs_and_another_seed_does_not(run_dir, tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        sd.main([f"--checkpoint={run_dir}", "--sampler=ddpm", f"--seed={seed}", "--num_images=1", f"--out_dir={tmp_path / name}"])
+    for f in ("generated_image_pokemon.png", "generated_image_pokemon_cfg.png"):
+        assert sha(tmp_path / "a" / f) == sha(tmp_path / "b" / f)
+        assert sha(tmp_path / "a" / f) != sha(tmp_path / "c" / f)
+
+
+def test_trajectory_strip(run_dir, tmp_path):
+    sd.main([f"--checkpoint={run_dir}", "--sampler=ddim", "--steps=10", "--num_images=1", "--save_trajectory=true",
+             f"--out_dir={tmp_path}"])
+    from PIL import Image
+
+    strip = Image.open(tmp_path / "generated_image_pokemon_trajectory.png")
+    assert strip.size == (8 * 16 + 9 * 2, 2 * 16 + 3 * 2)  # 8 steps; x_t above, predicted x0 below
+
+
+def test_empty_prompt_is_unconditional_and_long_prompt_warns(run_dir, tmp_path, capsys):
+    sd.main([f"--checkpoint={run_dir}", "--sampler=ddim", "--steps=2", "--num_images=1", "--condition=", f"--out_dir={tmp_path}"])
+    assert "unconditional prompt" in capsys.readouterr().out
+    sd.main([f"--checkpoint={run_dir}", "--sampler=ddim", "--steps=2", "--num_images=1", "--condition=" + "red " * 100,
+             f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert err.count("longer than 77 tokens") == 1
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--sampler=euler"], "unknown sampler 'euler'"),
+    (["--guidance_scale=-1"], "guidance_scale -1.0 is negative"),
+    (["--sampler=ddim", "--steps=0"], "steps 0 is out of range: DDIM takes 1 to 1000"),
+    (["--sampler=ddim", "--steps=1001"], "steps 1001 is out of range"),
+    (["--seed=x"], "--seed=x: expected an integer"),
+])
+def test_bad_settings_are_one_line_errors(run_dir, tmp_path, capsys, args, expected):
+    with pytest.raises(SystemExit) as e:
+        td.run_cli(sd.main, [f"--checkpoint={run_dir}", f"--out_dir={tmp_path}", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(4096))
+    other = tmp_path / "other.pt"
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
+    ckpt["model_args"]["base_channels"] = 64  # the tensors no longer fit
+    torch.save(ckpt, other)
+    for path, expected in ((tmp_path / "missing", "no checkpoint in"), (junk, "not a readable checkpoint"),
+                           (other, "do not fit its model_args")):
+        r = run_script(["sample_diffusion.py", f"--checkpoint={path}", f"--out_dir={tmp_path}"], timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and expected in lines[0], r.stderr
