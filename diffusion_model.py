@@ -332,8 +332,9 @@ class NoiseScheduler(nn.Module):
 
     for t = 0 .. T-1 (index t is the noise level after t + 1 forward steps), with
     beta_t = 1 - alphas_cumprod[t] / alphas_cumprod[t-1] clipped at 0.999 so the last step stays
-    finite. Everything is computed in float64 and kept as float32 buffers named after the formula
-    they hold, so `scheduler.to(device)` moves them with the model.
+    finite. Everything is computed and kept in float64, as buffers named after the formula they
+    hold (`scheduler.to(device)` moves them), and cast to the images' dtype where it is used:
+    near t = 0, 1 - abar_t is so small that float32 would lose a third of its digits.
     """
 
     def __init__(self, num_timesteps=1000, s=0.008):
@@ -362,28 +363,28 @@ class NoiseScheduler(nn.Module):
             posterior_mean_coef2=(1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
         )
         for name, value in buffers.items():
-            self.register_buffer(name, value.float(), persistent=False)
+            self.register_buffer(name, value, persistent=False)
 
     @staticmethod
-    def _at(buffer, t):
-        return buffer[t][:, None, None, None]  # (B,) -> (B, 1, 1, 1), broadcasts over images
+    def _at(buffer, t, x):
+        return buffer[t].to(x.dtype)[:, None, None, None]  # (B,) -> (B, 1, 1, 1), broadcasts over images
 
     def q_sample(self, x0, t, noise):
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) with the given noise."""
-        return self._at(self.sqrt_alphas_cumprod, t) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t) * noise
+        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def predict_x0(self, x_t, t, eps):
         """Invert q_sample: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return self._at(self.sqrt_recip_alphas_cumprod, t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t) * eps
+        return self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
     def predict_eps(self, x_t, t, x0):
         """The noise that takes x_0 to x_t: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
-        return (self._at(self.sqrt_recip_alphas_cumprod, t) * x_t - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t)
+        return (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t)
 
     def q_posterior(self, x0, x_t, t):
         """Mean and variance of q(x_{t-1} | x_t, x_0), Ho et al. Eqs. 6-7."""
-        mean = self._at(self.posterior_mean_coef1, t) * x0 + self._at(self.posterior_mean_coef2, t) * x_t
-        return mean, self._at(self.posterior_variance, t)
+        mean = self._at(self.posterior_mean_coef1, t, x0) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, self._at(self.posterior_variance, t, x_t)
 
 
 def diffusion_loss(model, scheduler, x0, context, mask, t=None, noise=None):
@@ -427,13 +428,13 @@ def ddim_step(scheduler, x_t, t, t_prev, x0, eta, noise):
     """One DDIM update (Song et al. 2021, Eq. 12) from t to t_prev (t_prev = -1: to the clean image).
     x0 is the (clipped) prediction; eps is recomputed from it so that eta = 1 over all T steps is
     exactly DDPM's posterior step. Returns x_{t_prev}, its mean and its variance."""
-    abar_t = scheduler.alphas_cumprod[t]
+    abar_t = scheduler.alphas_cumprod[t]  # float64 scalars: the arithmetic below keeps their digits
     abar_prev = scheduler.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(abar_t)
     tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
     eps = scheduler.predict_eps(x_t, tt, x0)
     variance = eta**2 * (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)  # sigma_t^2
-    mean = abar_prev.sqrt() * x0 + (1 - abar_prev - variance).clamp(min=0).sqrt() * eps
-    return mean + variance.sqrt() * noise, mean, variance
+    mean = abar_prev.sqrt().to(x0.dtype) * x0 + (1 - abar_prev - variance).clamp(min=0).sqrt().to(x0.dtype) * eps
+    return mean + variance.sqrt().to(x0.dtype) * noise, mean, variance.to(x0.dtype)
 
 
 def _generator(seed_or_generator):

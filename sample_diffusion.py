@@ -43,8 +43,11 @@ def main(argv):
     C = parse_overrides(argv, DEFAULTS)
     if C["sampler"] not in ("ddpm", "ddim"):
         raise UserError(f"unknown sampler {C['sampler']!r}: use --sampler=ddpm or --sampler=ddim")
-    if C["guidance_scale"] < 0:
-        raise UserError(f"guidance_scale {C['guidance_scale']} is negative: use 0 (unconditional), 1 (no guidance) or more")
+    if not 0 <= C["guidance_scale"] < float("inf"):  # written so that nan fails too
+        raise UserError(f"guidance_scale {C['guidance_scale']} must be a finite number >= 0: "
+                        f"use 0 (unconditional), 1 (no guidance) or more")
+    if C["sampler"] == "ddim" and C["steps"] < 1:  # the upper bound, T, is known once the checkpoint is read
+        raise UserError(f"steps {C['steps']} is out of range: DDIM takes at least 1 step")
     if C["num_images"] < 1:
         raise UserError(f"num_images {C['num_images']} must be at least 1")
     if not 0 <= C["eta"] <= 1:

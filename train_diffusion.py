@@ -177,7 +177,9 @@ def to_rgb_square(img, size):
         import numpy as np
 
         a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((a / max(a.max(), 1.0) * 255).astype("uint8"), "L")
+        # 16-bit data (0..65535) keeps its brightness: 65535 -> 255, not each image stretched to its own max
+        scale = 255 / 65535 if a.max() <= 65535 else 255 / a.max()
+        img = Image.fromarray((a * scale).round().clip(0, 255).astype("uint8"), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -207,17 +209,26 @@ def check_imagefolder(path, caption_column):
     if not os.path.isfile(meta):
         raise UserError(f"{path} has no metadata.jsonl: add one line per image, {{\"file_name\": ..., \"{caption_column}\": ...}}")
     rows, missing = 0, []
-    with open(meta, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(meta, "rb") as f:  # bytes: `datasets` fails on invalid UTF-8 deep inside its loader, we name the line
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                # an error, not a silent replacement: a caption with U+FFFD in it would train quietly on garbled text
+                raise UserError(f"{meta} line {line_no} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
+                                f"re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise UserError(f"{meta} line {line_no} is not valid JSON: fix or remove that line") from None
-            if "file_name" not in row or caption_column not in row:
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or caption_column not in row:
                 raise UserError(f"{meta} line {line_no} lacks 'file_name' or '{caption_column}': "
                                 f"every line needs both (or pass --caption_column=<name>)")
+            if not isinstance(row[caption_column], (str, type(None))):  # `datasets` cannot mix text and numbers in a column
+                raise UserError(f"{meta} line {line_no}: '{caption_column}' is {row[caption_column]!r}, not text: "
+                                f"write a string (\"\" or null for no caption)")
             rows += 1
             if not os.path.isfile(os.path.join(path, row["file_name"])):
                 missing.append(row["file_name"])
@@ -242,7 +253,12 @@ def load_image_dataset(C):
         check_imagefolder(os.path.expanduser(name), C.caption_column)
         ds = datasets.load_dataset("imagefolder", data_dir=os.path.expanduser(name), split="train")
     else:
-        ds = datasets.load_dataset(name, split="train")
+        try:
+            ds = datasets.load_dataset(name, split="train")
+        except OSError as e:  # no such dataset, or the Hub is offline (ConnectionError): a typo'd folder lands here too
+            raise UserError(f"dataset {name} is not a folder here and could not be loaded from the Hub "
+                            f"({str(e).splitlines()[0][:150]}): pass --dataset=shapes, a folder with metadata.jsonl, "
+                            f"or a reachable Hub dataset id") from None
     for col in (C.image_column, C.caption_column):
         if col not in ds.column_names:
             raise UserError(f"dataset {name} has no column {col!r} (it has {ds.column_names}): "
@@ -250,27 +266,40 @@ def load_image_dataset(C):
     ds = ds.cast_column(C.image_column, datasets.Image(decode=False))  # decode ourselves: a bad file is skipped, not fatal
 
     import io
+    import warnings
     from PIL import Image
 
-    images, captions, skipped = [], [], 0
-    for row in tqdm(ds, desc=f"preprocessing {name}", leave=False):
+    images, captions, skipped, first_skip = [], [], 0, None
+    for i, row in enumerate(tqdm(ds, desc=f"preprocessing {name}", leave=False)):
+        data = row[C.image_column]
         try:
-            data = row[C.image_column]
-            img = Image.open(io.BytesIO(data["bytes"]) if data.get("bytes") else data["path"])
-            img.load()
-            if min(img.size) < 8 or img.width * img.height > 64_000_000:
-                raise ValueError(f"unusable size {img.size}")
-            images.append(pil_to_uint8(to_rgb_square(img, C.image_size)))
-        except Exception:  # truncated, empty, not an image, absurd size: skip and count
+            with warnings.catch_warnings():  # PIL warns above 89 Mpx (and refuses above 179 Mpx); we reject above 64 Mpx below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data["bytes"]) if data.get("bytes") else data["path"])
+            with img:
+                # the header gives the size: check it before decoding, as 100 Mpx would take gigabytes to decode
+                if min(img.size) < 8 or img.width * img.height > 64_000_000:
+                    raise ValueError(f"unusable size {img.width}x{img.height}: 8 px to 64 Mpx are used")
+                img.load()
+                images.append(pil_to_uint8(to_rgb_square(img, C.image_size)))
+        except Exception as e:  # truncated, empty, not an image, absurd size: skip and count
             skipped += 1
+            if first_skip is None:
+                where = os.path.basename((data or {}).get("path") or f"row {i}")  # Hub rows may hold bytes only, or None
+                first_skip = f"{where}: {' '.join(str(e).split())[:150]}"
             continue
         caption = row[C.caption_column]
         captions.append(caption if isinstance(caption, str) else "")
     total = len(images) + skipped
     if skipped:
-        print(f"warning: skipped {skipped} of {total} images that could not be read", file=sys.stderr)
+        print(f"warning: skipped {skipped} of {total} images that could not be read or have an unusable size "
+              f"(first: {first_skip})", file=sys.stderr)
     if len(images) < 0.5 * total or not images:
-        raise UserError(f"{name}: {skipped} of {total} images could not be read: check the files")
+        raise UserError(f"{name}: {skipped} of {total} images could not be read (first: {first_skip}): check the files")
+    n_empty = sum(c == "" for c in captions)
+    if n_empty:  # legal (that is what caption dropout trains), but usually a sign of the wrong --caption_column
+        print(f"warning: {n_empty} of {len(captions)} captions are empty: those images only train the unconditional model",
+              file=sys.stderr)
     # Pokémon art and most captioned photos read the same mirrored; captions that speak of left and right do not.
     flip_ok = not any(w in c.lower() for c in captions for w in ("left", "right"))
     return torch.stack(images), captions, name, flip_ok
@@ -312,8 +341,12 @@ class TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModel.from_pretrained(path, use_safetensors=True)
         else:
-            self.tokenizer = CLIPTokenizer.from_pretrained(name)
-            self.model = CLIPTextModel.from_pretrained(name, use_safetensors=True)
+            try:
+                self.tokenizer = CLIPTokenizer.from_pretrained(name)
+                self.model = CLIPTextModel.from_pretrained(name, use_safetensors=True)
+            except OSError as e:  # not on the Hub, offline and not cached, or a folder without CLIP files
+                raise UserError(f"text encoder {name} could not be loaded ({' '.join(str(e).split())[:150]}): "
+                                f"pass --text_encoder=minilm, a CLIP model id on a reachable Hub, or a local CLIP folder") from None
         self.model.requires_grad_(False).eval().to(device)
         self.device = device
         self.dim = self.model.config.hidden_size
@@ -360,6 +393,11 @@ def encode_captions(encoder, captions, batch=256):
 def save_checkpoint(path, state):
     """Write to a temporary file in the same folder, flush it to disk, then rename over the old
     checkpoint: a crash or a full disk at any moment leaves the previous checkpoint intact."""
+    weights = [v for part in ("model", "ema") for v in state.get(part, {}).values() if torch.is_floating_point(v)]
+    if weights and not all(torch.isfinite(w).all() for w in weights):  # never replace a good checkpoint by a diverged one
+        raise UserError(f"the weights at step {state.get('step')} are NaN or inf: checkpoint not written, the previous "
+                        f"{path} is kept. Lower --lr or raise --warmup_steps")
+    remove_stale_temporaries(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -367,10 +405,23 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError):  # full disk, quota, permissions: the user's to fix, and nothing is lost
+            raise UserError(f"could not write checkpoint {path} ({e.strerror or e}): the previous checkpoint is kept; "
+                            f"free space and resume with --resume=auto") from None
         raise
+
+
+def remove_stale_temporaries(path):
+    """Delete the ckpt.pt.tmp.<pid> files of runs killed while writing (kill -9, power loss). Only
+    one process writes a run's checkpoint, so any such file is left over; it is never read."""
+    import glob
+
+    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def find_checkpoint(path):
@@ -397,15 +448,24 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} does not exist: train one with train_diffusion.py or pass --checkpoint=<file or run folder>")
     if os.path.getsize(path) == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): use another checkpoint")
+    # torch.save writes a zip archive whose index sits at the end: a file cut short, random bytes or a bare
+    # pickle is not one, and is refused before any byte of it is unpickled
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a checkpoint written by torch.save (truncated, or another kind of file): "
+                        f"pass a ckpt.pt written by train_diffusion.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path} holds objects other than tensors and was refused unread ({str(e).splitlines()[0][:120]}): "
+        lines = str(e).splitlines()  # torch's message is a paragraph; the line naming the refused object is the useful one
+        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        raise UserError(f"{path} holds objects other than tensors and was refused unread ({why.strip()[:150]}): "
                         f"only load checkpoints you trust, written by train_diffusion.py") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this repo (no model_args/model): pass a ckpt.pt written by train_diffusion.py")
+    needed = ("model", "model_args", "step", "num_timesteps", "text_encoder")  # what sampling and resuming read
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        raise UserError(f"{path} is not a checkpoint of this repo (it lacks {', '.join(needed)}): "
+                        f"pass a ckpt.pt written by train_diffusion.py")
     return ckpt
 
 
@@ -422,6 +482,15 @@ def build_model(ckpt, weights="ema"):
         first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)[:200]
         raise UserError(f"checkpoint weights do not fit its model_args ({first}): the checkpoint is damaged or edited") from None
     return model
+
+
+def unet_config(C, context_dim=1):
+    """The U-Net layout that config C asks for. UNetConfig checks it (an image_size the levels cannot
+    halve, heads that do not divide the channels, ...); from the command line that is one line to fix."""
+    try:
+        return UNetConfig(image_size=C.image_size, context_dim=context_dim, **{k: getattr(C, k) for k in MODEL_KEYS})
+    except ValueError as e:
+        raise UserError(f"{e} (--image_size, --base_channels, --channel_mults, --attention_levels, --n_heads)") from None
 
 
 # -----------------------------------------------------------------------------
@@ -570,7 +639,7 @@ def main(argv):
         C.image_size = 32 if C.dataset == "shapes" else 64
 
     # data and caption embeddings, computed once; the encoder never runs in the training step
-    model_cfg = UNetConfig(image_size=C.image_size, context_dim=1, **{k: getattr(C, k) for k in MODEL_KEYS})  # checks the layout early
+    model_cfg = unet_config(C)  # checks the layout before the slow work
     images, captions, data_name, flip_ok = load_image_dataset(C)
     encoder = TextEncoder(C.text_encoder, dev)
     if master and encoder.count_truncated(captions):
@@ -667,8 +736,9 @@ def main(argv):
         saving = (step % C.ckpt_interval == 0 and step > 0) or last or stopping
         if (step % C.log_interval == 0 or saving) and any_rank(sysinfo, nonfinite):  # a sync only now and then
             bar.close()
-            raise UserError(f"the loss became NaN or inf before step {step}: training stopped; the last good checkpoint "
-                            f"(step {last_good_step}) in {run_dir} is kept. Lower --lr or raise --warmup_steps")
+            kept = f"the last good checkpoint (step {last_good_step}) in {run_dir} is kept" if last_good_step > 0 else "no checkpoint was written yet"
+            raise UserError(f"the loss or the gradients became NaN or inf before step {step}: training stopped; {kept}. "
+                            f"Lower --lr or raise --warmup_steps")
         if master and (step % C.eval_interval == 0 or last):
             log = {"val/loss": validation_loss(model, scheduler, images[val_idx], ctx_table, ctx_mask, rows[val_idx], 2 * C.batch_size, sysinfo.autocast)}
             line = f"step {step}: val loss {log['val/loss']:.4f}, train loss {loss_ema or float('nan'):.4f}, lr {lr_now:.2e}, {imgs_per_s:.0f} img/s"
@@ -724,7 +794,7 @@ def main(argv):
         optimizer.step()
         decay = min(C.ema_decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-        nonfinite |= ~torch.isfinite(loss.detach())
+        nonfinite |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
         step += 1
         busy += time.time() - t_step
 

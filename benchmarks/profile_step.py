@@ -25,6 +25,9 @@ cProfile charges every Python call a little overhead, most of it to Python-heavy
 what "outside" mostly is: the share it reports is an upper bound. On CUDA this script sets
 CUDA_LAUNCH_BLOCKING=1 (unless set) so that GPU time is charged to the call that launched it and
 not to the next synchronisation; that removes the overlap of CPU and GPU work, so the run is slower.
+
+Keys (--key=value): max_steps, extra (train_diffusion.py arguments, quoted), save_stats (write the
+raw profile there), load_stats (analyse a saved profile instead of running), top (rows of 'outside').
 """
 
 import cProfile
