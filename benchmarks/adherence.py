@@ -15,7 +15,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
 
 from diffusion_model import NoiseScheduler  # noqa: E402
 from train_diffusion import (UserError, TextEncoder, build_model, embed_prompts, find_checkpoint, load_checkpoint,  # noqa: E402
@@ -61,7 +60,7 @@ def main(argv):
     how = f"{C['sampler']}" + (f"-{C['steps']}" if C["sampler"] == "ddim" else "")
     print(f"checkpoint {path} (step {ckpt['step']}), {how}, {C['repeats']} seeds x {len(__import__('shapes').eval_prompts())} prompts, "
           f"{spi:.3f} s/image")
-    print(f"| attribute | split | " + " | ".join(f"w={w:g}" for w in scales) + " |")
+    print("| attribute | split | " + " | ".join(f"w={w:g}" for w in scales) + " |")
     print("|---|---|" + "---|" * len(scales))
     for split in ("seen", "held_out"):
         for a in ATTRS:

@@ -326,7 +326,6 @@ def main(argv):
                 mem = {which: None for which in runners}  # a compiled subprocess would measure the compiler
             mfu = {which: flops[which] * img_s[which] / B / peak if peak else None for which in runners}
             rows.append((size, mode, img_s, mem, mfu))
-            del runners, optimizers
 
     mem_how = "CUDA max_memory_allocated, model alone" if cuda else "peak RSS of a fresh process, 2 steps, minus its RSS before the model"
     print(f"\nTraining step (forward + MSE + backward + AdamW), median of {C['repeats']} interleaved rounds; "

@@ -12,10 +12,10 @@ import train_diffusion as td
 from diffusion_model import NoiseScheduler
 
 # the README's CPU recipe, shortened to fit a test (see README, "Results")
-RECIPE = ["--dataset=shapes", "--text_encoder=minilm", "--wandb_mode=disabled", "--base_channels=32", "--channel_mults=1,2,2",
-          "--num_res_blocks=1", "--attention_levels=2", "--batch_size=32", "--lr=1e-3", "--min_lr=1e-4", "--warmup_steps=100",
-          "--eval_interval=100000", "--sample_interval=100000", "--ckpt_interval=100000"]
-TEST_STEPS = 1200
+RECIPE = ["--dataset=shapes", "--text_encoder=minilm", "--wandb_mode=disabled", "--image_size=16", "--base_channels=32",
+          "--channel_mults=1,2", "--num_res_blocks=1", "--attention_levels=1", "--batch_size=32", "--lr=1e-3", "--min_lr=1e-4",
+          "--warmup_steps=100", "--eval_interval=100000", "--sample_interval=100000", "--ckpt_interval=100000"]
+TEST_STEPS = 2000  # the README recipe runs 3500; color is learned by about 1500 (README, adherence against steps)
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """torchrun with 2 CPU processes (gloo) runs the same train_diffusion.py as one process."""
 
 import glob
-import json
 import os
 import subprocess
 import sys

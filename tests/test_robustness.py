@@ -260,7 +260,7 @@ def test_each_unreadable_kind_is_named_in_the_skip_warning(tmp_path, capsys, kin
     folder = make_folder(tmp_path / "data", [kind, "rgb.png", "rgb.png", "rgb.png"])
     images, _, _, _ = td.load_image_dataset(folder_config(folder))
     err = capsys.readouterr().err
-    assert len(images) == 3 and f"skipped 1 of 4 images" in err and f"(first: 00_{kind}: {UNREADABLE[kind]}" in err, err
+    assert len(images) == 3 and "skipped 1 of 4 images" in err and f"(first: 00_{kind}: {UNREADABLE[kind]}" in err, err
 
 
 def test_a_mostly_unreadable_dataset_is_an_error(tmp_path):
