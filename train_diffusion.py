@@ -725,6 +725,7 @@ def main(argv):
     bar = tqdm(total=C.max_steps, initial=step, desc="training", disable=not master, dynamic_ncols=True)
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
     last_good_step, busy, imgs_per_s, loss_ema = step, 0.0, 0.0, None  # busy: seconds in training steps since the last log
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
     model.train()
     while True:
         lr_now = lr_at(step, C)
@@ -793,7 +794,7 @@ def main(argv):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)
         optimizer.step()
         decay = min(C.ema_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        torch._foreach_lerp_(ema_params, model_params, 1 - decay)  # ema += (1 - decay) * (model - ema)
         nonfinite |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
         step += 1
         busy += time.time() - t_step
