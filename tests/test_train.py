@@ -136,7 +136,9 @@ def test_offline_wandb_run_holds_keys_and_image(tmp_path):
         rec.ParseFromString(data)
         if rec.WhichOneof("record_type") == "history":
             keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
-        if rec.WhichOneof("record_type") == "config":
+        if rec.WhichOneof("record_type") == "run":  # the config travels with the run record
+            config |= {item.key for item in rec.run.config.update}
+        if rec.WhichOneof("record_type") == "config":  # and later changes as config records
             config |= {item.key for item in rec.config.update}
     assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "val/loss"} <= keys, keys
     assert {"samples/_type", "samples/path", "samples/caption"} <= keys  # the image, stored flattened
