@@ -43,17 +43,23 @@ def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats):
     return total, seconds_per_image
 
 
-def main(argv):
-    C = parse_overrides(argv, DEFAULTS)
-    scales = [float(w) for w in C["guidance_scales"].split(",")]
-    path = find_checkpoint(C["checkpoint"])
+def load_shapes_checkpoint(where, use_ema, device="cpu"):
+    """(path, checkpoint, U-Net, scheduler) of a shapes checkpoint file or run folder: the judge
+    only knows the shapes dataset."""
+    path = find_checkpoint(where)
     if path is None:
-        raise UserError(f"no checkpoint in {C['checkpoint']}: pass --checkpoint=<ckpt.pt or run folder>")
+        raise UserError(f"no checkpoint in {where}: pass --checkpoint=<ckpt.pt or run folder>")
     ckpt = load_checkpoint(path)
     if ckpt["dataset"] != "shapes":
         raise UserError(f"{path} was trained on {ckpt['dataset']}: the judge only knows the shapes dataset")
-    model = build_model(ckpt, "ema" if C["use_ema"] else "model").eval()
-    scheduler = NoiseScheduler(ckpt["num_timesteps"])
+    model = build_model(ckpt, "ema" if use_ema else "model").to(device).eval()
+    return path, ckpt, model, NoiseScheduler(ckpt["num_timesteps"]).to(device)
+
+
+def main(argv):
+    C = parse_overrides(argv, DEFAULTS)
+    scales = [float(w) for w in C["guidance_scales"].split(",")]
+    path, ckpt, model, scheduler = load_shapes_checkpoint(C["checkpoint"], C["use_ema"])
     encoder = TextEncoder(ckpt["text_encoder"])
     res, spi = score(model, scheduler, encoder, scales, C["sampler"], C["steps"], C["seed"], C["repeats"])
 

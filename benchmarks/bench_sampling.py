@@ -27,10 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import shapes  # noqa: E402
-from benchmarks.adherence import score  # noqa: E402
-from diffusion_model import NoiseScheduler  # noqa: E402
-from train_diffusion import (UserError, TextEncoder, build_model, find_checkpoint, load_checkpoint,  # noqa: E402
-                             parse_overrides, run_cli)
+from benchmarks.adherence import load_shapes_checkpoint, score  # noqa: E402
+from train_diffusion import (UserError, TextEncoder, parse_overrides, run_cli)
 
 DEFAULTS = dict(checkpoint="diffusion_results", guidance=3.0, repeats=1, seed=0, samplers="ddpm,ddim50,ddim25,ddim10",
                 device="auto", use_ema=True)
@@ -61,15 +59,8 @@ def main(argv):
     if C["repeats"] < 1:
         raise UserError("--repeats must be >= 1")
     device = torch.device("cuda" if C["device"] == "cuda" or (C["device"] == "auto" and torch.cuda.is_available()) else "cpu")
-    path = find_checkpoint(C["checkpoint"])
-    if path is None:
-        raise UserError(f"no checkpoint in {C['checkpoint']}: pass --checkpoint=<ckpt.pt or run folder>")
-    ckpt = load_checkpoint(path)
-    if ckpt["dataset"] != "shapes":
-        raise UserError(f"{path} was trained on {ckpt['dataset']}: the judge only knows the shapes dataset")
+    path, ckpt, model, scheduler = load_shapes_checkpoint(C["checkpoint"], C["use_ema"], device)
     samplers = parse_samplers(C["samplers"], ckpt["num_timesteps"])
-    model = build_model(ckpt, "ema" if C["use_ema"] else "model").to(device).eval()
-    scheduler = NoiseScheduler(ckpt["num_timesteps"]).to(device)
     encoder = TextEncoder(ckpt["text_encoder"])
     guidances = [1.0] if C["guidance"] == 1.0 else [1.0, C["guidance"]]
     n_prompts = len(shapes.eval_prompts())
