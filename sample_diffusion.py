@@ -18,7 +18,7 @@ import sys
 import torch
 
 from diffusion_model import NoiseScheduler, sample
-from train_diffusion import (UserError, TextEncoder, build_model, embed_prompts, find_checkpoint, load_checkpoint,
+from train_diffusion import (UserError, TextEncoder, build_model, embed_prompts, find_checkpoint, load_checkpoint, pick_device,
                              parse_overrides, run_cli, save_grid)
 
 # -----------------------------------------------------------------------------
@@ -52,9 +52,7 @@ def main(argv):
         raise UserError(f"num_images {C['num_images']} must be at least 1")
     if not 0 <= C["eta"] <= 1:
         raise UserError(f"eta {C['eta']} must lie in [0, 1]")
-    if C["device"] not in ("auto", "cuda", "cpu") or (C["device"] == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"device {C['device']!r} is not available: use auto, cpu or cuda (with a GPU)")
-    dev = torch.device("cuda" if C["device"] == "cuda" or (C["device"] == "auto" and torch.cuda.is_available()) else "cpu")
+    dev = pick_device(C["device"])
 
     where = C["checkpoint"] or C["out_dir"]
     path = find_checkpoint(where)

@@ -565,11 +565,18 @@ def save_grid(images, path, nrow=8):
 # Distributed (torchrun) setup: plain `python train_diffusion.py` never touches torch.distributed
 
 
+def pick_device(name):
+    """--device=auto|cuda|cpu -> torch.device("cuda") or torch.device("cpu"); auto takes a GPU if one is visible."""
+    if name not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device={name}: use auto, cuda or cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu or --device=auto")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def setup_device(C):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if C.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu or --device=auto")
-    use_cuda = C.device == "cuda" or (C.device == "auto" and torch.cuda.is_available())
+    use_cuda = pick_device(C.device).type == "cuda"
     rank, world, local_rank = 0, 1, 0
     if ddp:
         import torch.distributed as dist

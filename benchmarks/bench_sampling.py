@@ -24,11 +24,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
 
 import shapes  # noqa: E402
 from benchmarks.adherence import load_shapes_checkpoint, score  # noqa: E402
-from train_diffusion import (UserError, TextEncoder, parse_overrides, run_cli)
+from train_diffusion import UserError, TextEncoder, parse_overrides, pick_device, run_cli  # noqa: E402
 
 DEFAULTS = dict(checkpoint="diffusion_results", guidance=3.0, repeats=1, seed=0, samplers="ddpm,ddim50,ddim25,ddim10",
                 device="auto", use_ema=True)
@@ -52,13 +51,9 @@ def parse_samplers(text, num_timesteps):
 
 def main(argv):
     C = parse_overrides(argv, DEFAULTS)
-    if C["device"] not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device={C['device']}: use auto, cpu or cuda")
-    if C["device"] == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu")
     if C["repeats"] < 1:
         raise UserError("--repeats must be >= 1")
-    device = torch.device("cuda" if C["device"] == "cuda" or (C["device"] == "auto" and torch.cuda.is_available()) else "cpu")
+    device = pick_device(C["device"])
     path, ckpt, model, scheduler = load_shapes_checkpoint(C["checkpoint"], C["use_ema"], device)
     samplers = parse_samplers(C["samplers"], ckpt["num_timesteps"])
     encoder = TextEncoder(ckpt["text_encoder"])

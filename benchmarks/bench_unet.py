@@ -56,7 +56,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from diffusion_model import UNet, UNetConfig  # noqa: E402
-from train_diffusion import UserError, parse_overrides, run_cli  # noqa: E402
+from train_diffusion import UserError, parse_overrides, pick_device, run_cli  # noqa: E402
 
 DEFAULTS = dict(image_sizes=(32, 64), batch_size=16, context_len=16, repeats=5, steps=0, base_channels=64,
                 channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2), n_heads=4, context_dim=384,
@@ -242,13 +242,9 @@ def machine_name(device):
 
 def main(argv):
     C = parse_overrides(argv, DEFAULTS)
-    if C["device"] not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device={C['device']}: use auto, cpu or cuda")
-    if C["device"] == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu")
     if C["context_len"] < 2 or C["batch_size"] < 1 or C["repeats"] < 1:
         raise UserError("--context_len must be >= 2, --batch_size and --repeats >= 1")
-    device = torch.device("cuda" if C["device"] == "cuda" or (C["device"] == "auto" and torch.cuda.is_available()) else "cpu")
+    device = pick_device(C["device"])
     cuda = device.type == "cuda"
     if C["threads"]:
         torch.set_num_threads(C["threads"])
