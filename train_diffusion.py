@@ -36,7 +36,7 @@ caption_column = "text"
 image_size = 0  # 0: the dataset's default (32 for shapes, 64 otherwise)
 shapes_num_images = 20000  # how many images the built-in shapes dataset draws
 val_fraction = 0.05  # share of the images held out for the validation loss (fixed seed)
-text_encoder = "auto"  # auto (CLIP if the Hub answers, else minilm) | minilm | a CLIP model id or local path
+text_encoder = "auto"  # auto (CLIP if the Hub answers, else minilm) | minilm | a CLIP model id | a local model folder
 # model (the U-Net's UNetConfig; context_dim comes from the text encoder)
 base_channels = 64
 channel_mults = (1, 2, 2)
@@ -328,6 +328,14 @@ def minilm_path():
     return path
 
 
+def is_clip_folder(path):
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return str(json.load(f).get("model_type", "")).startswith("clip")
+    except (ValueError, AttributeError):
+        raise UserError(f"{path}/config.json is not a transformers config: pass a folder saved by save_pretrained") from None
+
+
 class TextEncoder:
     """Frozen text encoder: captions -> (tokens (N, L, D) float32, mask (N, L) bool), padded to the
     longest caption of the call and cut at MAX_TOKENS."""
@@ -340,14 +348,19 @@ class TextEncoder:
             path = minilm_path()
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModel.from_pretrained(path, use_safetensors=True)
+        elif os.path.isfile(os.path.join(name, "config.json")) and not is_clip_folder(name):
+            # a local copy of another transformers text encoder (e.g. all-MiniLM-L6-v2 saved in fp16)
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+            self.model = AutoModel.from_pretrained(name, use_safetensors=True)
         else:
             try:
                 self.tokenizer = CLIPTokenizer.from_pretrained(name)
                 self.model = CLIPTextModel.from_pretrained(name, use_safetensors=True)
             except OSError as e:  # not on the Hub, offline and not cached, or a folder without CLIP files
                 raise UserError(f"text encoder {name} could not be loaded ({' '.join(str(e).split())[:150]}): "
-                                f"pass --text_encoder=minilm, a CLIP model id on a reachable Hub, or a local CLIP folder") from None
-        self.model.requires_grad_(False).eval().to(device)
+                                f"pass --text_encoder=minilm, a CLIP model id on a reachable Hub, or a local model folder") from None
+        # float32 whatever the stored precision: the encoder runs once per caption, and fp16 on a CPU is slow
+        self.model.requires_grad_(False).eval().to(device, torch.float32)
         self.device = device
         self.dim = self.model.config.hidden_size
         self.max_length = min(MAX_TOKENS, self.tokenizer.model_max_length)
@@ -664,8 +677,9 @@ def main(argv):
     train_images = train_images.to(dev)  # small datasets live on the device as uint8
     train_rows = train_rows.to(dev)
 
-    model = UNet(model_cfg).to(dev)
-    ema = UNet(model_cfg).to(dev).requires_grad_(False).eval()
+    layout = torch.channels_last if dev.type == "cuda" else torch.contiguous_format  # cuDNN's bf16 convolutions want NHWC
+    model = UNet(model_cfg).to(dev, memory_format=layout)
+    ema = UNet(model_cfg).to(dev, memory_format=layout).requires_grad_(False).eval()
     ema.load_state_dict(model.state_dict())
     scheduler = NoiseScheduler(C.num_timesteps).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=C.lr, weight_decay=C.weight_decay, betas=(0.9, 0.999))
@@ -804,10 +818,9 @@ def main(argv):
         torch._foreach_lerp_(ema_params, model_params, 1 - decay)  # ema += (1 - decay) * (model - ema)
         nonfinite |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
         step += 1
-        busy += time.time() - t_step
-
-        if step % C.log_interval == 0:
+        if step % C.log_interval == 0:  # .item() waits for the GPU, so `busy` counts its work, not only the launches
             lossf = all_mean(sysinfo, loss.detach()) if sysinfo.ddp else loss.item()
+        busy += time.time() - t_step
         if step % C.log_interval == 0 and master:
             imgs_per_s, busy = C.log_interval * C.batch_size * sysinfo.world / busy, 0.0
             loss_ema = lossf if loss_ema is None else 0.9 * loss_ema + 0.1 * lossf

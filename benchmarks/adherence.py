@@ -18,10 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffusion_model import NoiseScheduler  # noqa: E402
 from train_diffusion import (UserError, TextEncoder, build_model, embed_prompts, find_checkpoint, load_checkpoint,  # noqa: E402
-                             parse_overrides, run_cli, shapes_adherence)
+                             parse_overrides, pick_device, run_cli, shapes_adherence)
 
 DEFAULTS = dict(checkpoint="diffusion_results", guidance_scales="0,1,2,3,5", sampler="ddim", steps=25, seed=0,
-                repeats=2, use_ema=True, plot="")
+                repeats=2, use_ema=True, plot="", device="auto")
 ATTRS = ("color", "shape", "position", "size")
 
 
@@ -59,7 +59,7 @@ def load_shapes_checkpoint(where, use_ema, device="cpu"):
 def main(argv):
     C = parse_overrides(argv, DEFAULTS)
     scales = [float(w) for w in C["guidance_scales"].split(",")]
-    path, ckpt, model, scheduler = load_shapes_checkpoint(C["checkpoint"], C["use_ema"])
+    path, ckpt, model, scheduler = load_shapes_checkpoint(C["checkpoint"], C["use_ema"], pick_device(C["device"]))
     encoder = TextEncoder(ckpt["text_encoder"])
     res, spi = score(model, scheduler, encoder, scales, C["sampler"], C["steps"], C["seed"], C["repeats"])
 

@@ -74,6 +74,22 @@ def test_minilm_gives_token_features_with_mask():
     assert enc.count_truncated(["word " * 200]) == 1
 
 
+def test_local_folder_encoder_in_fp16_matches_minilm(tmp_path):
+    """A folder saved by save_pretrained (here MiniLM halved to fp16, as carried to a GPU machine)
+    loads through AutoModel, runs in float32 and gives MiniLM's features up to fp16 rounding."""
+    halved = td.TextEncoder("minilm")
+    halved.model.half().save_pretrained(tmp_path)
+    halved.tokenizer.save_pretrained(tmp_path)
+    ref = td.TextEncoder("minilm")
+    local = td.TextEncoder(str(tmp_path))
+    assert next(local.model.parameters()).dtype == torch.float32 and local.dim == 384
+    captions = ["a small red circle in the top left", ""]
+    (a, ma), (b, mb) = ref(captions), local(captions)
+    assert torch.equal(ma, mb) and a.shape == b.shape
+    assert (a - b).norm() / a.norm() < 5e-3  # fp16 weights: about 3 significant digits
+    assert not torch.equal(a, b)  # it really is the fp16 copy that ran
+
+
 def test_imagefolder_dataset(tmp_path):
     from PIL import Image
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU figures in the README, from one run of under ten minutes on one GPU:
+#
+#   bash benchmarks/gpu_check.sh ENCODER POKEMON_FOLDER OUT_DIR
+#
+# ENCODER: --text_encoder for the runs (minilm, or a local folder such as MiniLM saved in fp16);
+# POKEMON_FOLDER: a local imagefolder of Pokémon (images + metadata.jsonl). Stages, most
+# important first, each with a time limit, its output appended to OUT_DIR/log.txt:
+#   1. bench_unet.py, eager: our U-Net against diffusers at 32 and 64 px, batch 256
+#   2. a shapes run on the GPU (default 32 px model, batch 256), then bench_sampling.py and
+#      adherence.py on its checkpoint
+#   3. a Pokémon run with the GPU recipe's model, stopped by SIGTERM at its limit (which saves)
+#   4. bench_unet.py on the GPU recipe's layout (64 px, batch 256), eager
+#   5. bench_unet.py with torch.compile at 64 px, batch 256 (compilation takes minutes)
+# A stage that fails or runs out of time does not stop the next one.
+set -u
+ENCODER=$1 POKEMON=$2 OUT=$3
+QUICK=${QUICK:-0}  # QUICK=1: a few steps of everything, to check the script itself on a CPU
+mkdir -p "$OUT/runs"
+LOG=$OUT/log.txt
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2 t0=$SECONDS
+  shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout -s TERM -k 20 "$limit" "$@" >>"$LOG" 2>&1
+  echo "=== $name: exit $? after $((SECONDS - t0))s" | tee -a "$LOG"
+}
+latest_run() { ls -dt "$OUT"/runs/*-"$1" 2>/dev/null | head -n 1; }
+
+if [ "$QUICK" = 1 ]; then
+  BENCH="--repeats=1 --steps=1 --batch_size=2 --device=cpu" SHAPES="--max_steps=20 --batch_size=16 --shapes_num_images=512 --image_size=16 --base_channels=32 --channel_mults=1,2 --attention_levels=1 --eval_interval=10 --sample_interval=20 --ckpt_interval=10 --sample_steps=3 --device=cpu"
+  SAMPLING="--repeats=1 --samplers=ddim10,ddim5 --device=cpu" POKE="--max_steps=4 --batch_size=4 --base_channels=32 --image_size=32 --sample_interval=2 --eval_interval=2 --sample_steps=2 --device=cpu"
+  COMPILE_SIZE=32
+else
+  BENCH="--repeats=5 --batch_size=256" SHAPES="--max_steps=3000 --batch_size=256 --lr=5e-4 --min_lr=5e-5 --warmup_steps=200 --eval_interval=1000 --sample_interval=1000 --ckpt_interval=500"
+  SAMPLING="--repeats=4" POKE="--max_steps=1500 --batch_size=64 --eval_interval=500 --sample_interval=500 --ckpt_interval=500"
+  COMPILE_SIZE=64
+fi
+RECIPE="--base_channels=128 --channel_mults=1,2,2,4 --attention_levels=1,2,3"
+
+stage environment 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; python3 -c "import torch, transformers; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__, \"cuda\", torch.cuda.is_available())"; python3 -c "import diffusers, datasets, pyarrow; print(\"diffusers\", diffusers.__version__, \"datasets\", datasets.__version__, \"pyarrow\", pyarrow.__version__)"; nproc'
+stage bench_eager 90 python3 benchmarks/bench_unet.py --image_sizes=32,64 $BENCH
+stage shapes_train 150 python3 train_diffusion.py --dataset=shapes --text_encoder="$ENCODER" --wandb_mode=disabled --out_dir="$OUT/runs" $SHAPES
+SHAPES_RUN=$(latest_run shapes)
+stage bench_sampling 90 python3 benchmarks/bench_sampling.py --checkpoint="$SHAPES_RUN" $SAMPLING
+stage adherence 45 python3 benchmarks/adherence.py --checkpoint="$SHAPES_RUN" --repeats=4 --plot="$OUT/adherence.png" $([ "$QUICK" = 1 ] && echo --steps=5 --device=cpu)
+cp "$(ls "$SHAPES_RUN"/samples_*.png | tail -n 1)" "$OUT/shapes_samples.png"
+# The shapes run's EMA weights in fp16, in two files under 16 MB, for sampling experiments elsewhere
+python3 - "$SHAPES_RUN" "$OUT" <<'EOF' >>"$LOG" 2>&1
+import sys, torch
+ckpt = torch.load(f"{sys.argv[1]}/ckpt.pt", weights_only=True)
+ema = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+sizes = torch.tensor([v.numel() * v.element_size() for v in ema.values()]).cumsum(0)
+half = int((sizes <= sizes[-1] // 2).sum())  # split by bytes: each file under 16 MB
+keys = list(ema)
+for part, names in (("a", keys[:half]), ("b", keys[half:])):
+    torch.save({"ema": {k: ema[k] for k in names}, "model_args": ckpt["model_args"], "step": ckpt["step"],
+                "text_encoder": ckpt["text_encoder"], "num_timesteps": ckpt["num_timesteps"]}, f"{sys.argv[2]}/ema_{part}.pt")
+print("saved EMA of step", ckpt["step"])
+EOF
+stage pokemon_train 110 python3 train_diffusion.py --dataset="$POKEMON" --text_encoder="$ENCODER" --wandb_mode=disabled --dropout=0.1 --out_dir="$OUT/runs" $RECIPE $POKE
+POKEMON_RUN=$(latest_run "$(basename "$POKEMON")")
+cp "$(ls "$POKEMON_RUN"/samples_*.png | tail -n 1)" "$OUT/pokemon_samples.png"
+rm -rf "$OUT/runs"  # checkpoints are too large to bring back (the Pokémon one is 1.9 GB); the log holds the numbers
+stage bench_recipe 45 python3 benchmarks/bench_unet.py --image_sizes=64 $RECIPE $BENCH
+stage bench_compile 180 python3 benchmarks/bench_unet.py --image_sizes=$COMPILE_SIZE --compile=true $BENCH
+grep -E "^=== .*exit|^\| |img/s|finished at|stopped by|adherence seen|DDIM-25 vs" "$LOG" | tail -n 80
