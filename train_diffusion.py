@@ -61,6 +61,7 @@ eval_images = 256  # validation images per evaluation (fixed timesteps and noise
 sample_interval = 1000  # a grid of samples (EMA, CFG, fixed prompts and seed)
 sample_guidance = 3.0
 sample_steps = 50  # DDIM steps for samples and adherence
+sample_eta = 1.0  # DDIM's eta there: 1 (stochastic) tracks DDPM-1000's adherence, 0 (deterministic) falls behind it
 ckpt_interval = 1000
 log_interval = 10
 out_dir = "diffusion_results"
@@ -548,16 +549,17 @@ def embed_prompts(encoder, prompts, device):
 
 @torch.no_grad()
 def shapes_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, steps, seed, autocast=contextlib.nullcontext(),
-                     sampler="ddim"):
-    """Sample the judge's prompts (shapes.eval_prompts(), embedded as cond) with DDIM at each
-    guidance scale and judge the images. Returns {w: {"seen": {attr: frac}, "held_out": {attr: frac}}}."""
+                     sampler="ddim", eta=1.0):
+    """Sample the judge's prompts (shapes.eval_prompts(), embedded as cond) with DDIM (or DDPM) at
+    each guidance scale and judge the images. Returns {w: {"seen": {attr: frac}, "held_out": {attr: frac}}}.
+    eta = 1 by default: deterministic DDIM (eta = 0) scores well below DDPM on the same model (README)."""
     import shapes
 
     model.eval()
     results = {}
     for w in guidance_scales:
         with autocast:
-            images = sample(model, scheduler, cond, uncond, guidance_scale=w, sampler=sampler, steps=steps, generator=seed)
+            images = sample(model, scheduler, cond, uncond, guidance_scale=w, sampler=sampler, steps=steps, eta=eta, generator=seed)
         judged = {}
         for split, held in (("seen", False), ("held_out", True)):
             idx = [i for i, p in enumerate(prompts) if p["held_out"] == held]
@@ -766,7 +768,7 @@ def main(argv):
             line = f"step {step}: val loss {log['val/loss']:.4f}, train loss {loss_ema or float('nan'):.4f}, lr {lr_now:.2e}, {imgs_per_s:.0f} img/s"
             if C.dataset == "shapes":
                 adherence = shapes_adherence(ema, scheduler, judge_prompts, *judge_ctx, (0.0, C.sample_guidance),
-                                             C.sample_steps, C.seed, sysinfo.autocast)
+                                             C.sample_steps, C.seed, sysinfo.autocast, eta=C.sample_eta)
                 for w, splits in adherence.items():
                     for split, attrs in splits.items():
                         log.update({f"adherence/w{w:g}/{split}/{a}": v for a, v in attrs.items()})
@@ -780,7 +782,7 @@ def main(argv):
         if master and ((step % C.sample_interval == 0 and step > 0) or last):
             with sysinfo.autocast:
                 grid = sample(ema, scheduler, sample_cond, sample_uncond, guidance_scale=C.sample_guidance, sampler="ddim",
-                              steps=C.sample_steps, generator=C.seed)
+                              steps=C.sample_steps, eta=C.sample_eta, generator=C.seed)
             grid_path = os.path.join(run_dir, f"samples_{step:07d}.png")
             save_grid(grid, grid_path)
             if wandb_run:

@@ -2,7 +2,7 @@
 Score a `shapes` checkpoint: does it draw what it is told?
 
     python benchmarks/adherence.py --checkpoint=diffusion_results            # latest run
-    python benchmarks/adherence.py --checkpoint=... --guidance_scales=0,1,2,3,5 --sampler=ddim --steps=25
+    python benchmarks/adherence.py --checkpoint=... --guidance_scales=0,1,2,3,5 --sampler=ddim --steps=25 --eta=1
 
 Samples every prompt of shapes.eval_prompts() (seen and held-out color x shape pairs) at each
 guidance scale, judges the images with shapes.judge, prints a table (attribute x guidance scale x
@@ -20,12 +20,12 @@ from diffusion_model import NoiseScheduler  # noqa: E402
 from train_diffusion import (UserError, TextEncoder, build_model, embed_prompts, find_checkpoint, load_checkpoint,  # noqa: E402
                              parse_overrides, pick_device, run_cli, shapes_adherence)
 
-DEFAULTS = dict(checkpoint="diffusion_results", guidance_scales="0,1,2,3,5", sampler="ddim", steps=25, seed=0,
+DEFAULTS = dict(checkpoint="diffusion_results", guidance_scales="0,1,2,3,5", sampler="ddim", steps=25, eta=1.0, seed=0,
                 repeats=2, use_ema=True, plot="", device="auto")
 ATTRS = ("color", "shape", "position", "size")
 
 
-def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats):
+def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats, eta=1.0):
     """Mean adherence over `repeats` seeds: {w: {split: {attr: frac}}}, and seconds per image."""
     import shapes
 
@@ -34,7 +34,7 @@ def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats):
     total = {w: {s: dict.fromkeys(ATTRS, 0.0) for s in ("seen", "held_out")} for w in scales}
     t0 = time.time()
     for r in range(repeats):
-        res = shapes_adherence(model, scheduler, prompts, cond, uncond, scales, steps, seed + r, sampler=sampler)
+        res = shapes_adherence(model, scheduler, prompts, cond, uncond, scales, steps, seed + r, sampler=sampler, eta=eta)
         for w in scales:
             for split in res[w]:
                 for a in ATTRS:
@@ -61,9 +61,9 @@ def main(argv):
     scales = [float(w) for w in C["guidance_scales"].split(",")]
     path, ckpt, model, scheduler = load_shapes_checkpoint(C["checkpoint"], C["use_ema"], pick_device(C["device"]))
     encoder = TextEncoder(ckpt["text_encoder"])
-    res, spi = score(model, scheduler, encoder, scales, C["sampler"], C["steps"], C["seed"], C["repeats"])
+    res, spi = score(model, scheduler, encoder, scales, C["sampler"], C["steps"], C["seed"], C["repeats"], C["eta"])
 
-    how = f"{C['sampler']}" + (f"-{C['steps']}" if C["sampler"] == "ddim" else "")
+    how = f"{C['sampler']}" + (f"-{C['steps']} eta={C['eta']:g}" if C["sampler"] == "ddim" else "")
     print(f"checkpoint {path} (step {ckpt['step']}), {how}, {C['repeats']} seeds x {len(__import__('shapes').eval_prompts())} prompts, "
           f"{spi:.3f} s/image")
     print("| attribute | split | " + " | ".join(f"w={w:g}" for w in scales) + " |")

@@ -1,11 +1,11 @@
 """
 Sampling speed against quality on a `shapes` checkpoint: seconds per image and judged adherence for
-DDPM over all 1000 steps and DDIM with 50, 25 and 10 steps, each without (w = 1) and with
-classifier-free guidance (w = --guidance).
+DDPM over all 1000 steps and DDIM with 50, 25 and 10 steps (deterministic, eta = 0, and stochastic,
+eta = 1), each without (w = 1) and with classifier-free guidance (w = --guidance).
 
     python benchmarks/bench_sampling.py                                   # latest run in diffusion_results
     python benchmarks/bench_sampling.py --checkpoint=diffusion_results/<run> --guidance=3 --repeats=3
-    python benchmarks/bench_sampling.py --samplers=ddim25,ddim10          # any of ddpm, ddim<steps>
+    python benchmarks/bench_sampling.py --samplers=ddim25,ddim10 --etas=0  # any of ddpm, ddim<steps>
 
 Each (sampler, guidance) samples all 27 prompts of shapes.eval_prompts() as one batch, `repeats`
 times with seeds seed, seed+1, ..., through benchmarks/adherence.py's score(), which also judges the
@@ -16,7 +16,7 @@ A forward hook on the U-Net counts its calls: with guidance each step is still o
 doubled batch (conditional + unconditional captions). Sampling runs in fp32, as in adherence.py.
 
 Keys (--key=value): checkpoint (ckpt.pt, run folder or out_dir), guidance, repeats, seed, samplers,
-device (auto|cpu|cuda), use_ema.
+etas (DDIM's eta values, comma-separated), device (auto|cpu|cuda), use_ema.
 """
 
 import os
@@ -30,19 +30,20 @@ from benchmarks.adherence import load_shapes_checkpoint, score  # noqa: E402
 from train_diffusion import UserError, TextEncoder, parse_overrides, pick_device, run_cli  # noqa: E402
 
 DEFAULTS = dict(checkpoint="diffusion_results", guidance=3.0, repeats=1, seed=0, samplers="ddpm,ddim50,ddim25,ddim10",
-                device="auto", use_ema=True)
+                etas="0,1", device="auto", use_ema=True)
 ATTRS = ("color", "shape", "position", "size")
 
 
-def parse_samplers(text, num_timesteps):
-    """"ddpm,ddim50" -> [("ddpm", T), ("ddim", 50)]."""
+def parse_samplers(text, num_timesteps, etas=(0.0,)):
+    """"ddpm,ddim50" with etas (0, 1) -> [("ddpm", T, 1.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0)]
+    (DDPM's eta is 1 by construction)."""
     samplers = []
     for name in text.split(","):
         name = name.strip()
         if name == "ddpm":
-            samplers.append(("ddpm", num_timesteps))
+            samplers.append(("ddpm", num_timesteps, 1.0))
         elif name.startswith("ddim") and name[4:].isdigit() and 1 <= int(name[4:]) <= num_timesteps:
-            samplers.append(("ddim", int(name[4:])))
+            samplers.extend(("ddim", int(name[4:]), eta) for eta in etas)
         else:
             raise UserError(f"--samplers: cannot read {name!r}: use ddpm or ddim<steps> with 1 <= steps <= {num_timesteps}, "
                             f"e.g. ddpm,ddim50,ddim25")
@@ -55,7 +56,13 @@ def main(argv):
         raise UserError("--repeats must be >= 1")
     device = pick_device(C["device"])
     path, ckpt, model, scheduler = load_shapes_checkpoint(C["checkpoint"], C["use_ema"], device)
-    samplers = parse_samplers(C["samplers"], ckpt["num_timesteps"])
+    try:
+        etas = [float(e) for e in C["etas"].split(",")]
+    except ValueError:
+        raise UserError(f"--etas={C['etas']}: give numbers separated by commas, e.g. 0,1") from None
+    if any(e < 0 for e in etas):
+        raise UserError(f"--etas={C['etas']}: eta must be >= 0")
+    samplers = parse_samplers(C["samplers"], ckpt["num_timesteps"], etas)
     encoder = TextEncoder(ckpt["text_encoder"])
     guidances = [1.0] if C["guidance"] == 1.0 else [1.0, C["guidance"]]
     n_prompts = len(shapes.eval_prompts())
@@ -68,20 +75,20 @@ def main(argv):
     print(f"checkpoint {path} (step {ckpt['step']}, {ckpt['model_args']['image_size']}px) on {device}, "
           f"{C['repeats']} repeat(s), seed {C['seed']}")
     rows = []
-    for sampler, steps in samplers:
+    for sampler, steps, eta in samplers:
         for w in guidances:
             forward_batches.clear()
-            res, seconds_per_image = score(model, scheduler, encoder, [w], sampler, steps, C["seed"], C["repeats"])
+            res, seconds_per_image = score(model, scheduler, encoder, [w], sampler, steps, C["seed"], C["repeats"], eta)
             forwards_per_step = len(forward_batches) / (steps * C["repeats"])
-            rows.append(dict(sampler=sampler, steps=steps, w=w, spi=seconds_per_image, fps=forwards_per_step,
+            rows.append(dict(sampler=sampler, steps=steps, eta=eta, w=w, spi=seconds_per_image, fps=forwards_per_step,
                              batch=sorted(set(forward_batches)), seen=res[w]["seen"], held_out=res[w]["held_out"]))
-            print(f"{sampler}-{steps} w={w:g}: {seconds_per_image:.4f} s/image, {forwards_per_step:g} forwards/step "
+            print(f"{sampler}-{steps} eta={eta:g} w={w:g}: {seconds_per_image:.4f} s/image, {forwards_per_step:g} forwards/step "
                   f"(batch {rows[-1]['batch']}), seen " + " ".join(f"{a} {res[w]['seen'][a]:.2f}" for a in ATTRS), flush=True)
 
-    print(f"\n| sampler | steps | guidance | s/image | forwards/step | {' | '.join(ATTRS)} |")
-    print("|---|---|---|---|---|" + "---|" * len(ATTRS))
+    print(f"\n| sampler | steps | eta | guidance | s/image | forwards/step | {' | '.join(ATTRS)} |")
+    print("|---|---|---|---|---|---|" + "---|" * len(ATTRS))
     for r in rows:
-        print(f"| {r['sampler']} | {r['steps']} | {r['w']:g} | {r['spi']:.4f} | {r['fps']:g} | "
+        print(f"| {r['sampler']} | {r['steps']} | {r['eta']:g} | {r['w']:g} | {r['spi']:.4f} | {r['fps']:g} | "
               + " | ".join(f"{r['seen'][a]:.2f}" for a in ATTRS) + " |")
     print("(adherence on the seen color x shape pairs; forwards/step counts U-Net calls per sampling step)")
     for w in guidances:
@@ -90,15 +97,15 @@ def main(argv):
               + (f"(the {n_prompts} prompts, conditional only)" if w == 1.0 else
                  f"({n_prompts} conditional + {n_prompts} unconditional: CFG doubles the batch, not the calls)"))
 
-    by_key = {(r["sampler"], r["steps"], r["w"]): r for r in rows}
+    by_key = {(r["sampler"], r["steps"], r["eta"], r["w"]): r for r in rows}
     T = ckpt["num_timesteps"]
-    for w in guidances:
-        ddpm, ddim25 = by_key.get(("ddpm", T, w)), by_key.get(("ddim", 25, w))
+    for w, eta in ((w, eta) for w in guidances for eta in etas):
+        ddpm, ddim25 = by_key.get(("ddpm", T, 1.0, w)), by_key.get(("ddim", 25, eta, w))
         if ddpm is None or ddim25 is None:
             continue
         diffs = {a: ddim25["seen"][a] - ddpm["seen"][a] for a in ATTRS}
         worst = max(abs(d) for d in diffs.values())
-        print(f"DDIM-25 vs DDPM-{T} at w={w:g}: adherence differences (DDIM - DDPM, seen) "
+        print(f"DDIM-25 (eta={eta:g}) vs DDPM-{T} at w={w:g}: adherence differences (DDIM - DDPM, seen) "
               + ", ".join(f"{a} {d:+.2f}" for a, d in diffs.items())
               + f"; largest {worst:.2f} -> {'within' if worst <= 0.02 + 1e-9 else 'NOT within'} 0.02 "
               f"(resolution {1 / (n_seen * C['repeats']):.3f}: one image of {n_seen} seen prompts x {C['repeats']} repeat(s)); "

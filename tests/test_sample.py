@@ -88,3 +88,13 @@ def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and expected in lines[0], r.stderr
+
+
+def test_bench_sampling_runs_ddim_at_each_eta_and_ddpm_once(run_dir):
+    import benchmarks.bench_sampling as bs
+
+    assert bs.parse_samplers("ddpm,ddim5", 1000, (0.0, 1.0)) == [("ddpm", 1000, 1.0), ("ddim", 5, 0.0), ("ddim", 5, 1.0)]
+    with pytest.raises(td.UserError, match="ddim0"):
+        bs.parse_samplers("ddim0", 1000)
+    rows = bs.main([f"--checkpoint={run_dir}", "--samplers=ddim2", "--etas=0,1", "--guidance=1", "--device=cpu"])
+    assert [(r["sampler"], r["steps"], r["eta"], r["w"]) for r in rows] == [("ddim", 2, 0.0, 1.0), ("ddim", 2, 1.0, 1.0)]
