@@ -679,7 +679,8 @@ def main(argv):
     train_images = train_images.to(dev)  # small datasets live on the device as uint8
     train_rows = train_rows.to(dev)
 
-    layout = torch.channels_last if dev.type == "cuda" else torch.contiguous_format  # cuDNN's bf16 convolutions want NHWC
+    # NHWC on CUDA: 1.25x the images/s of NCHW for the GPU recipe's U-Net on an H200 (README, GPU results)
+    layout = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
     model = UNet(model_cfg).to(dev, memory_format=layout)
     ema = UNet(model_cfg).to(dev, memory_format=layout).requires_grad_(False).eval()
     ema.load_state_dict(model.state_dict())
