@@ -28,7 +28,7 @@ guidance_scale = 3.0  # CFG weight w: eps = eps_u + w (eps_c - eps_u); 3 gave th
 num_images = 4  # images per file
 sampler = "ddpm"  # ddpm (all T steps, Ho et al.) | ddim (Song et al., `steps` steps)
 steps = 50  # DDIM steps, 1..T
-eta = 0.0  # DDIM noise: 0 deterministic, 1 as stochastic as DDPM
+eta = 1.0  # DDIM noise: 1 stochastic like DDPM (keeps up with DDPM's adherence, README), 0 deterministic (Song et al.)
 seed = 0  # same seed + same checkpoint + same device = byte-identical PNGs
 use_ema = True  # sample with the EMA weights (smoother, better) rather than the last training weights
 save_trajectory = False  # also write generated_image_pokemon_trajectory.png: x_t (top) and predicted x0 (bottom)

@@ -349,15 +349,14 @@ class TextEncoder:
             path = minilm_path()
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModel.from_pretrained(path, use_safetensors=True)
-        elif os.path.isfile(os.path.join(name, "config.json")) and not is_clip_folder(name):
-            # a local copy of another transformers text encoder (e.g. all-MiniLM-L6-v2 saved in fp16)
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-            self.model = AutoModel.from_pretrained(name, use_safetensors=True)
         else:
+            # a CLIP id or folder, or a local folder of another transformers text encoder (e.g. MiniLM saved in fp16)
+            local_other = os.path.isfile(os.path.join(name, "config.json")) and not is_clip_folder(name)
+            tokenizer_class, model_class = (AutoTokenizer, AutoModel) if local_other else (CLIPTokenizer, CLIPTextModel)
             try:
-                self.tokenizer = CLIPTokenizer.from_pretrained(name)
-                self.model = CLIPTextModel.from_pretrained(name, use_safetensors=True)
-            except OSError as e:  # not on the Hub, offline and not cached, or a folder without CLIP files
+                self.tokenizer = tokenizer_class.from_pretrained(name)
+                self.model = model_class.from_pretrained(name, use_safetensors=True)
+            except OSError as e:  # not on the Hub, offline and not cached, or a folder without the model's files
                 raise UserError(f"text encoder {name} could not be loaded ({' '.join(str(e).split())[:150]}): "
                                 f"pass --text_encoder=minilm, a CLIP model id on a reachable Hub, or a local model folder") from None
         # float32 whatever the stored precision: the encoder runs once per caption, and fp16 on a CPU is slow
@@ -756,7 +755,7 @@ def main(argv):
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         last = step == C.max_steps
-        stopping = stop_requested(sysinfo, stop["signal"])
+        stopping = stop_requested(sysinfo, stop["signal"], step, C.log_interval)
 
         saving = (step % C.ckpt_interval == 0 and step > 0) or last or stopping
         if (step % C.log_interval == 0 or saving) and any_rank(sysinfo, nonfinite):  # a sync only now and then
@@ -875,10 +874,13 @@ def all_mean(sysinfo, x):
     return x.item() / sysinfo.world
 
 
-def stop_requested(sysinfo, local_signal):
-    """Under torchrun every rank must stop at the same step, so the flag is all-reduced."""
+def stop_requested(sysinfo, local_signal, step, every):
+    """Under torchrun every rank must stop at the same step, so the flag is all-reduced, and only
+    every `every` steps: the all-reduce waits for the GPU, which must not happen every step."""
     if not sysinfo.ddp:
         return bool(local_signal)
+    if step % every:
+        return False
     import torch.distributed as dist
 
     flag = torch.tensor([1 if local_signal else 0], device=sysinfo.device)

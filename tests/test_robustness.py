@@ -292,6 +292,12 @@ def test_text_encoder_that_cannot_be_loaded_is_one_line():
     assert "text encoder nobody/no-such-clip could not be loaded" in msg and "--text_encoder=minilm" in msg
 
 
+def test_local_encoder_folder_without_weights_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    msg = user_error(td.TextEncoder, str(tmp_path))
+    assert f"text encoder {tmp_path} could not be loaded" in msg and "local model folder" in msg
+
+
 # ----------------------------------------------------------------------------- 5. sizes the model or the data cannot take
 
 
