@@ -12,9 +12,10 @@ The story, in the order the file tells it:
    the image.
 4. `UNet`: ResnetBlocks and SpatialTransformers stacked into an encoder that halves the
    resolution level by level, a middle, and a decoder that doubles it back, with skip connections
-   from each encoder step to its mirror in the decoder. It predicts the noise eps in x_t.
+   from each encoder step to its mirror in the decoder. It predicts the noise eps in x_t, or the
+   velocity v (Salimans & Ho 2022), from which the clean image and the noise both follow.
 5. `NoiseScheduler`: the cosine schedule of Nichol & Dhariwal (2021), the forward process
-   q(x_t | x_0) and the posterior q(x_{t-1} | x_t, x_0).
+   q(x_t | x_0), the posterior q(x_{t-1} | x_t, x_0), and the conversions between eps, v and x_0.
 6. Samplers: DDPM ancestral sampling (Algorithm 2 of Ho et al. 2020), classifier-free guidance
    (Ho & Salimans 2022) and DDIM (Song et al. 2021).
 
@@ -41,6 +42,16 @@ def timestep_embedding(t, dim, max_period=10000.0):
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)  # (dim/2,)
     angles = t.float()[:, None] * freqs[None, :]  # (B, dim/2)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)  # (B, dim)
+
+
+def position_embedding_2d(H, W, dim):
+    """Fixed 2D sin-cos position of every pixel (as DiT adds to its patches): the first half of
+    the features encodes the row, the second half the column, each with the timestep's sinusoids.
+    Returns (H*W, dim), row-major like the tokens of `SpatialTransformer`."""
+    assert dim % 4 == 0, "half of the features per axis, each half cos and sin"
+    rows = timestep_embedding(torch.arange(H), dim // 2)  # (H, dim/2)
+    cols = timestep_embedding(torch.arange(W), dim // 2)  # (W, dim/2)
+    return torch.cat([rows[:, None].expand(H, W, -1), cols[None, :].expand(H, W, -1)], dim=-1).reshape(H * W, dim)
 
 
 def group_norm(channels):
@@ -162,20 +173,29 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """norm -> 1x1 proj_in -> tokens (B, H*W, C) -> Transformer blocks -> 1x1 proj_out
-    (zero-initialised, so the block starts as the identity) -> + input."""
+    """norm -> 1x1 proj_in -> tokens (B, H*W, C) (+ their 2D positions) -> Transformer blocks ->
+    1x1 proj_out (zero-initialised, so the block starts as the identity) -> + input.
 
-    def __init__(self, channels, n_heads, context_dim, depth=1):
+    Attention is blind to order: without `resolution`, a token knows where it is only through
+    what the convolutions' zero padding leaked into its features. With it, a fixed sin-cos
+    position is added to every token, so "top left" in the caption can meet "top left" in the image."""
+
+    def __init__(self, channels, n_heads, context_dim, depth=1, resolution=None):
         super().__init__()
         self.norm = group_norm(channels)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.blocks = nn.ModuleList([TransformerBlock(channels, n_heads, context_dim) for _ in range(depth)])
         self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+        pos = position_embedding_2d(resolution, resolution, channels) if resolution else None
+        self.register_buffer("pos_embed", pos, persistent=False)  # (H*W, C) or None; fixed, so not in the checkpoint
 
     def forward(self, x, context, mask=None):
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x))
         h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        if self.pos_embed is not None:
+            assert self.pos_embed.shape[0] == H * W, f"position table for {self.pos_embed.shape[0]} tokens, got {H}x{W}"
+            h = h + self.pos_embed.to(h.dtype)
         for block in self.blocks:
             h = block(h, context, mask)
         h = h.transpose(1, 2).reshape(B, C, H, W)
@@ -197,6 +217,8 @@ class UNetConfig:
     n_heads: int = 4
     context_dim: int = 384  # width of the text encoder's token embeddings
     dropout: float = 0.0
+    pos_embed: bool = False  # add a fixed 2D sin-cos position to the image tokens of every SpatialTransformer
+    coord_conv: bool = False  # feed conv_in two extra channels holding each pixel's (x, y) in [-1, 1] (CoordConv)
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)
@@ -220,10 +242,11 @@ class UNetConfig:
 class ResAttn(nn.Module):
     """One step of the U-Net: a ResnetBlock, followed by a SpatialTransformer on attention levels."""
 
-    def __init__(self, in_ch, out_ch, time_dim, cfg, use_attn):
+    def __init__(self, in_ch, out_ch, time_dim, cfg, use_attn, resolution):
         super().__init__()
         self.res = ResnetBlock(in_ch, out_ch, time_dim, cfg.dropout)
-        self.attn = SpatialTransformer(out_ch, cfg.n_heads, cfg.context_dim) if use_attn else None
+        self.attn = (SpatialTransformer(out_ch, cfg.n_heads, cfg.context_dim, resolution=resolution if cfg.pos_embed else None)
+                     if use_attn else None)
 
     def forward(self, x, temb, context, mask):
         x = self.res(x, temb)
@@ -251,7 +274,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, text): predicts the noise in x_t.
+    """f_theta(x_t, t, text): predicts the noise in x_t (or the velocity v, as the scheduler says).
 
     down: conv_in, then per level num_res_blocks ResAttn steps and (except at the lowest
           resolution) a Downsample; every output is kept as a skip connection.
@@ -267,13 +290,19 @@ class UNet(nn.Module):
         ch = cfg.base_channels
         time_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        if cfg.coord_conv:  # (1, 2, S, S): channel 0 is x (left = -1), channel 1 is y (top = -1)
+            y, x = torch.meshgrid(torch.linspace(-1, 1, cfg.image_size), torch.linspace(-1, 1, cfg.image_size), indexing="ij")
+            self.register_buffer("coords", torch.stack([x, y])[None], persistent=False)
+        else:
+            self.coords = None
+        self.conv_in = nn.Conv2d(cfg.in_channels + (2 if cfg.coord_conv else 0), ch, 3, padding=1)
 
         self.down = nn.ModuleList()
         skip_chs = [ch]
+        res = lambda level: cfg.image_size // 2**level  # side of the feature maps at a level
         for level, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(ResAttn(ch, cfg.base_channels * mult, time_dim, cfg, level in cfg.attention_levels))
+                self.down.append(ResAttn(ch, cfg.base_channels * mult, time_dim, cfg, level in cfg.attention_levels, res(level)))
                 ch = cfg.base_channels * mult
                 skip_chs.append(ch)
             if level != len(cfg.channel_mults) - 1:
@@ -281,13 +310,15 @@ class UNet(nn.Module):
                 skip_chs.append(ch)
 
         self.mid_res1 = ResnetBlock(ch, ch, time_dim, cfg.dropout)
-        self.mid_attn = SpatialTransformer(ch, cfg.n_heads, cfg.context_dim)
+        lowest = res(len(cfg.channel_mults) - 1)
+        self.mid_attn = SpatialTransformer(ch, cfg.n_heads, cfg.context_dim, resolution=lowest if cfg.pos_embed else None)
         self.mid_res2 = ResnetBlock(ch, ch, time_dim, cfg.dropout)
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mults))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(ResAttn(ch + skip_chs.pop(), cfg.base_channels * mult, time_dim, cfg, level in cfg.attention_levels))
+                self.up.append(ResAttn(ch + skip_chs.pop(), cfg.base_channels * mult, time_dim, cfg, level in cfg.attention_levels,
+                                       res(level)))
                 ch = cfg.base_channels * mult
             if level != 0:
                 self.up.append(Upsample(ch))
@@ -298,11 +329,13 @@ class UNet(nn.Module):
 
     def forward(self, x, t, context, context_mask=None):
         """x (B, 3, H, W), t (B,) integer timesteps, context (B, L, D), context_mask (B, L) True for
-        real tokens. Returns the predicted noise, (B, 3, H, W)."""
+        real tokens. Returns the prediction (eps or v), (B, 3, H, W)."""
         B, C, H, W = x.shape
         assert H == W == self.cfg.image_size, f"expected {self.cfg.image_size}px images, got {H}x{W}"
         temb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))  # (B, 4*base)
 
+        if self.coords is not None:
+            x = torch.cat([x, self.coords.to(x.dtype).expand(B, -1, -1, -1)], dim=1)  # (B, 3 + 2, H, W)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
@@ -335,12 +368,22 @@ class NoiseScheduler(nn.Module):
     finite. Everything is computed and kept in float64, as buffers named after the formula they
     hold (`scheduler.to(device)` moves them), and cast to the images' dtype where it is used:
     near t = 0, 1 - abar_t is so small that float32 would lose a third of its digits.
+
+    `prediction_type` says what the U-Net predicts, and so what the loss compares it with:
+    "eps", the noise (Ho et al. 2020), or "v" = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, the
+    velocity (Salimans & Ho 2022). Both give x_0 and eps exactly; they differ in where the error
+    lands. At t = T-1 the cosine schedule leaves abar = 2.4e-9, so x_0 from eps divides eps's error by
+    sqrt(abar) (x 20,000), while v there is -x_0 itself: the first steps of a sampler start from
+    a usable picture instead of amplified noise.
     """
 
-    def __init__(self, num_timesteps=1000, s=0.008):
+    def __init__(self, num_timesteps=1000, prediction_type="eps", s=0.008):
         super().__init__()
+        if prediction_type not in ("eps", "v"):
+            raise ValueError(f"prediction_type must be 'eps' or 'v', got {prediction_type!r}")
         T = num_timesteps
         self.num_timesteps = T
+        self.prediction_type = prediction_type
         f = lambda t: torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
         steps = torch.arange(T + 1, dtype=torch.float64)
         alphas_cumprod_unclipped = f(steps) / f(torch.zeros((), dtype=torch.float64))  # (T+1,), [0] = 1
@@ -381,38 +424,68 @@ class NoiseScheduler(nn.Module):
         """The noise that takes x_0 to x_t: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
         return (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t)
 
+    def velocity(self, x0, t, eps):
+        """The v target: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, Sec. 4)."""
+        return self._at(self.sqrt_alphas_cumprod, t, x0) * eps - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+    def target(self, x0, t, eps):
+        """What the U-Net learns to output for x_t = q_sample(x0, t, eps): eps, or v."""
+        return eps if self.prediction_type == "eps" else self.velocity(x0, t, eps)
+
+    def predict_x0_eps(self, x_t, t, output):
+        """The U-Net's output -> (x_0, eps). For v, x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps and
+        v together are a rotation of (x_0, eps), so x_0 = sqrt(abar) x_t - sqrt(1 - abar) v and
+        eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
+        if self.prediction_type == "eps":
+            return self.predict_x0(x_t, t, output), output
+        a, b = self._at(self.sqrt_alphas_cumprod, t, x_t), self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return a * x_t - b * output, b * x_t + a * output
+
     def q_posterior(self, x0, x_t, t):
         """Mean and variance of q(x_{t-1} | x_t, x_0), Ho et al. Eqs. 6-7."""
         mean = self._at(self.posterior_mean_coef1, t, x0) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, self._at(self.posterior_variance, t, x_t)
 
 
-def diffusion_loss(model, scheduler, x0, context, mask, t=None, noise=None):
-    """The simple loss of Ho et al. (Algorithm 1): || eps - eps_theta(x_t, t) ||^2 with t uniform.
-    Validation passes a fixed t and noise so that evaluations are comparable."""
+def diffusion_loss(model, scheduler, x0, context, mask, t=None, noise=None, min_snr_gamma=0.0):
+    """The simple loss of Ho et al. (Algorithm 1), || target - f_theta(x_t, t) ||^2 with t uniform,
+    where the target is eps or v (`scheduler.prediction_type`). Validation passes a fixed t and
+    noise so that evaluations are comparable.
+
+    min_snr_gamma > 0 weights each image by Min-SNR-gamma (Hang et al. 2023): the loss in x_0 terms,
+    SNR_t ||x_0 - x0_hat||^2, with SNR_t = abar_t / (1 - abar_t) clipped at gamma, so that the many
+    nearly clean timesteps stop dominating the gradient. Expressed on eps it is min(SNR, gamma) / SNR,
+    on v it is min(SNR, gamma) / (SNR + 1)."""
     B = x0.shape[0]
     if t is None:
         t = torch.randint(0, scheduler.num_timesteps, (B,), device=x0.device)
     if noise is None:
         noise = torch.randn_like(x0)
     x_t = scheduler.q_sample(x0, t, noise)
-    return F.mse_loss(model(x_t, t, context, mask).float(), noise.float())
+    target = scheduler.target(x0, t, noise)
+    if not min_snr_gamma:
+        return F.mse_loss(model(x_t, t, context, mask).float(), target.float())
+    per_image = (model(x_t, t, context, mask).float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])  # (B,), float64
+    weight = snr.clamp(max=min_snr_gamma) / (snr if scheduler.prediction_type == "eps" else snr + 1)
+    return (weight.float() * per_image).mean()
 
 
 # -----------------------------------------------------------------------------
 # 6. Samplers
 
 
-def guided_eps(model, x, t, cond, uncond, guidance_scale):
-    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w * (eps_c - eps_u).
+def guided_output(model, x, t, cond, uncond, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022): out = out_u + w * (out_c - out_u), on eps or
+    on v alike (both are linear in x_0 and eps at a fixed x_t, so guiding either is the same).
     w = 1 is the plain conditional model, w = 0 the unconditional one, w > 1 pushes harder toward
     the caption. Both predictions come from one forward pass over a doubled batch.
     cond and uncond are (context (B, L, D), mask (B, L)) with the same L."""
     (c, c_mask), (u, u_mask) = cond, uncond
-    eps_c, eps_u = model(
+    out_c, out_u = model(
         torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, u]), torch.cat([c_mask, u_mask])
     ).chunk(2)
-    return eps_u + guidance_scale * (eps_c - eps_u)
+    return out_u + guidance_scale * (out_c - out_u)
 
 
 def ddim_timesteps(num_timesteps, steps):
@@ -479,12 +552,12 @@ def sample(model, scheduler, cond, uncond=None, guidance_scale=1.0, sampler="ddp
     for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False)):
         tt = torch.full((B,), t, device=device, dtype=torch.long)
         if guidance_scale == 1.0:  # the guided formula reduces to one of its two terms: skip the other
-            eps = model(x, tt, context, mask)
+            out = model(x, tt, context, mask)
         elif guidance_scale == 0.0:
-            eps = model(x, tt, *uncond)
+            out = model(x, tt, *uncond)
         else:
-            eps = guided_eps(model, x, tt, cond, uncond, guidance_scale)
-        x0 = scheduler.predict_x0(x, tt, eps.float()).clamp(-1, 1)
+            out = guided_output(model, x, tt, cond, uncond, guidance_scale)
+        x0 = scheduler.predict_x0_eps(x, tt, out.float())[0].clamp(-1, 1)
         if callback is not None:
             callback(i, t, x, x0)
         if sampler == "ddpm":

@@ -17,8 +17,8 @@ import sys
 
 import torch
 
-from diffusion_model import NoiseScheduler, sample
-from train_diffusion import (UserError, TextEncoder, build_model, embed_prompts, find_checkpoint, load_checkpoint, pick_device,
+from diffusion_model import sample
+from train_diffusion import (UserError, TextEncoder, build_model, build_scheduler, embed_prompts, find_checkpoint, load_checkpoint, pick_device,
                              parse_overrides, run_cli, save_grid)
 
 # -----------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def main(argv):
         raise UserError(f"no checkpoint in {where}: train one with python train_diffusion.py, or pass --checkpoint=<ckpt.pt or run folder>")
     ckpt = load_checkpoint(path)
     model = build_model(ckpt, "ema" if C["use_ema"] else "model").to(dev).eval()
-    scheduler = NoiseScheduler(ckpt["num_timesteps"]).to(dev)
+    scheduler = build_scheduler(ckpt).to(dev)
     T = scheduler.num_timesteps
     if C["sampler"] == "ddim" and not 1 <= C["steps"] <= T:
         raise UserError(f"steps {C['steps']} is out of range: DDIM takes 1 to {T} steps")

@@ -113,6 +113,57 @@ def caption(color, shape, size, position, phrasing=0):
     )
 
 
+# Varied captions ("varied", the default): the six phrasings above are all a
+# model ever reads with captions="six", and a user's own wording ("a big
+# circle in the upper left") then loses the position first. The varied set
+# adds word orders, synonyms and ways of naming a place. Each template takes
+# {place}, a whole phrase such as "in the upper left corner".
+SYNONYMS = {
+    "small": ("small", "little"),
+    "large": ("large", "big"),
+    "top left": ("top left", "upper left", "top-left"),
+    "top right": ("top right", "upper right", "top-right"),
+    "bottom left": ("bottom left", "lower left", "bottom-left"),
+    "bottom right": ("bottom right", "lower right", "bottom-right"),
+    "center": ("center", "middle", "centre"),
+}
+PLACES = {"corner": ("in the {p}", "in the {p} corner", "at the {p}"), "center": ("in the {p}", "at the {p}")}
+VARIED_TEMPLATES = (
+    "a {size} {color} {shape} {place}",
+    "{color} {shape}, {place}, {size}",
+    "a picture of a {size} {color} {shape} {place}",
+    "{size} {color} {shape} {place}",
+    "{place}: a {size} {color} {shape}",
+    "a {color} {shape}, {size}, {place}",
+    "{place}, a {size} {color} {shape}",
+    "a {color} {shape} that is {size}, {place}",
+    "{size} {shape}, {color}, {place}",
+    "an image of a {color} {size} {shape} {place}",
+)
+
+# Wordings that no training caption uses, under either setting: new verbs and
+# sentence shapes around the same attribute words. The judge's "novel" prompts
+# use them, to test whether the model understood the words or the templates.
+NOVEL_TEMPLATES = (
+    "draw a {size} {color} {shape} {place}",
+    "{place} there is a {size} {color} {shape}",
+    "the {shape} is {color} and {size}, and it sits {place}",
+    "one {color} {shape} of {size} size, placed {place}",
+    "show me a {shape}: {color}, {size}, {place}",
+    "{size} and {color}, a {shape} {place}",
+)
+
+
+def varied_caption(color, shape, size, position, rng, templates=VARIED_TEMPLATES):
+    """A caption in a template, synonyms and place phrase drawn with the numpy Generator `rng`."""
+    p = SYNONYMS[position][rng.integers(len(SYNONYMS[position]))]
+    places = PLACES["center" if position == "center" else "corner"]
+    place = places[rng.integers(len(places))].format(p=p)
+    return templates[rng.integers(len(templates))].format(
+        color=color, shape=shape, size=SYNONYMS[size][rng.integers(2)], place=place
+    )
+
+
 # ---------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------
@@ -159,8 +210,11 @@ def render(color, shape, size, position, image_size=32, dx=0.0, dy=0.0, scale=1.
     return np.array(small)  # a writable copy, so torch.from_numpy is happy
 
 
-def make_shapes_dataset(n, image_size=32, seed=0, held_out=False):
+def make_shapes_dataset(n, image_size=32, seed=0, held_out=False, captions="six"):
     """Generate `n` captioned images.
+
+    captions="six": one of the six PHRASINGS per image; "varied": VARIED_TEMPLATES with SYNONYMS
+    (drawn from a second random stream, so images and attributes are the same under both).
 
     Returns (images, captions, attrs): images is a uint8 tensor
     (n, 3, image_size, image_size); captions a list of n strings; attrs a list
@@ -182,34 +236,44 @@ def make_shapes_dataset(n, image_size=32, seed=0, held_out=False):
     shift = rng.uniform(-CENTER_JITTER, CENTER_JITTER, size=(n, 2))
     scale = rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER, size=n)
 
+    if captions not in ("six", "varied"):
+        raise ValueError(f"captions must be 'six' or 'varied', got {captions!r}")
+    wording_rng = np.random.default_rng([seed, 1])
+
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
-    captions, attrs = [], []
+    texts, attrs = [], []
     for i in range(n):
         color, shape = pairs[pair_idx[i]]
         a = dict(color=color, shape=shape, size=sizes[size_idx[i]], position=positions[pos_idx[i]])
         images[i] = render(**a, image_size=image_size, dx=shift[i, 0], dy=shift[i, 1], scale=scale[i])
-        captions.append(caption(**a, phrasing=int(phrasing_idx[i])))
+        texts.append(caption(**a, phrasing=int(phrasing_idx[i])) if captions == "six" else varied_caption(**a, rng=wording_rng))
         attrs.append(a)
 
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    return images, captions, attrs
+    return images, texts, attrs
 
 
-def eval_prompts():
+def eval_prompts(wording="canonical"):
     """A fixed list of evaluation prompts, each a dict with keys caption, color,
     shape, size, position, held_out.
 
     Every training pair appears once and every held-out pair four times, with
     position and size cycled deterministically so that all positions and both
-    sizes are exercised. Captions use the canonical phrasing.
+    sizes are exercised. Captions use the canonical phrasing, or with
+    wording="novel" the NOVEL_TEMPLATES (and synonyms), which no training caption uses.
     """
+    if wording not in ("canonical", "novel"):
+        raise ValueError(f"wording must be 'canonical' or 'novel', got {wording!r}")
+    rng = np.random.default_rng(2024)
     sizes = list(SIZES)
     positions = list(POSITIONS)
     prompts = []
 
     def add(color, shape, size, position, is_held_out):
+        text = (caption(color, shape, size, position) if wording == "canonical"
+                else varied_caption(color, shape, size, position, rng, NOVEL_TEMPLATES))
         prompts.append(dict(
-            caption=caption(color, shape, size, position),
+            caption=text,
             color=color, shape=shape, size=size, position=position,
             held_out=is_held_out,
         ))

@@ -35,6 +35,7 @@ image_column = "image"  # column names for Hub datasets and folders
 caption_column = "text"
 image_size = 0  # 0: the dataset's default (32 for shapes, 64 otherwise)
 shapes_num_images = 20000  # how many images the built-in shapes dataset draws
+shapes_captions = "six"  # shapes' wordings: six (the six templates) | varied (more templates and synonyms)
 val_fraction = 0.05  # share of the images held out for the validation loss (fixed seed)
 text_encoder = "auto"  # auto (CLIP if the Hub answers, else minilm) | minilm | a CLIP model id | a local model folder
 # model (the U-Net's UNetConfig; context_dim comes from the text encoder)
@@ -44,7 +45,10 @@ num_res_blocks = 2
 attention_levels = (1, 2)
 n_heads = 4
 dropout = 0.0
+pos_embed = False  # fixed 2D sin-cos positions on the image tokens of every SpatialTransformer
+coord_conv = False  # (x, y) coordinate channels into conv_in (CoordConv)
 num_timesteps = 1000
+prediction_type = "eps"  # what the U-Net predicts: eps (the noise, Ho et al.) | v (the velocity, Salimans & Ho)
 # training
 batch_size = 64  # per process: under torchrun the global batch is batch_size * number of GPUs
 max_steps = 20000
@@ -52,6 +56,7 @@ lr = 2e-4  # peak learning rate, after linear warmup, then cosine decay to min_l
 min_lr = 2e-5
 warmup_steps = 500
 weight_decay = 0.0
+min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0: the plain loss
 grad_clip = 1.0
 p_uncond = 0.1  # share of captions replaced by the empty caption, for classifier-free guidance
 ema_decay = 0.999  # EMA of the weights, warmed up as min(ema_decay, (1 + k) / (10 + k))
@@ -76,15 +81,18 @@ seed = 0
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple))
                and k not in ("CONFIG_KEYS",)]
 DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
-MODEL_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attention_levels", "n_heads", "dropout")
+MODEL_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attention_levels", "n_heads", "dropout", "pos_embed",
+              "coord_conv")
 # keys a resumed run takes from its checkpoint: changing them mid-run would train another model
-RUN_KEYS = MODEL_KEYS + ("dataset", "image_column", "caption_column", "image_size", "shapes_num_images",
-                         "val_fraction", "text_encoder", "num_timesteps", "seed")
+RUN_KEYS = MODEL_KEYS + ("dataset", "image_column", "caption_column", "image_size", "shapes_num_images", "shapes_captions",
+                         "val_fraction", "text_encoder", "num_timesteps", "prediction_type", "seed")
 POKEMON_ID = "reach-vb/pokemon-blip-captions"  # a live mirror of lambdalabs/pokemon-blip-captions (gated upstream)
 CLIP_ID = "openai/clip-vit-base-patch32"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MAX_TOKENS = 77  # captions are cut at CLIP's limit, whichever encoder reads them
 CKPT_NAME = "ckpt.pt"
+# what runs saved before these keys existed trained with
+RUN_DEFAULTS_BEFORE_KEY = dict(pos_embed=False, coord_conv=False, prediction_type="eps", shapes_captions="six")
 
 
 class UserError(Exception):
@@ -245,7 +253,7 @@ def load_image_dataset(C):
     if C.dataset == "shapes":
         import shapes
 
-        images, captions, _ = shapes.make_shapes_dataset(C.shapes_num_images, C.image_size, seed=C.seed)
+        images, captions, _ = shapes.make_shapes_dataset(C.shapes_num_images, C.image_size, seed=C.seed, captions=C.shapes_captions)
         return images, captions, "shapes", False  # captions say left and right: never flip
     import datasets
 
@@ -497,6 +505,12 @@ def build_model(ckpt, weights="ema"):
     return model
 
 
+def build_scheduler(ckpt):
+    """The noise schedule and prediction target a checkpoint was trained with (checkpoints from
+    before v-prediction hold no prediction_type: they predict eps)."""
+    return NoiseScheduler(ckpt["num_timesteps"], ckpt.get("prediction_type", "eps"))
+
+
 def unet_config(C, context_dim=1):
     """The U-Net layout that config C asks for. UNetConfig checks it (an image_size the levels cannot
     halve, heads that do not divide the channels, ...); from the command line that is one line to fix."""
@@ -504,6 +518,16 @@ def unet_config(C, context_dim=1):
         return UNetConfig(image_size=C.image_size, context_dim=context_dim, **{k: getattr(C, k) for k in MODEL_KEYS})
     except ValueError as e:
         raise UserError(f"{e} (--image_size, --base_channels, --channel_mults, --attention_levels, --n_heads)") from None
+
+
+def check_choices(C):
+    """Settings with a fixed set of values, checked before any work."""
+    for key, allowed in (("prediction_type", ("eps", "v")), ("shapes_captions", ("six", "varied")),
+                         ("wandb_mode", ("auto", "online", "offline", "disabled"))):
+        if getattr(C, key) not in allowed:
+            raise UserError(f"--{key}={getattr(C, key)}: use {' or '.join(allowed)}")
+    if not (C.min_snr_gamma >= 0 and math.isfinite(C.min_snr_gamma)):
+        raise UserError(f"--min_snr_gamma={C.min_snr_gamma}: use 0 (off) or a positive number such as 5")
 
 
 # -----------------------------------------------------------------------------
@@ -519,7 +543,7 @@ def lr_at(step, C):
 
 
 @torch.no_grad()
-def validation_loss(model, scheduler, images, ctx_table, ctx_mask, rows, batch, autocast):
+def validation_loss(model, scheduler, images, ctx_table, ctx_mask, rows, batch, autocast, min_snr_gamma=0.0):
     """Mean loss over the validation images at fixed timesteps (evenly spread over [0, T)) and
     fixed noise, so that two evaluations differ only by the model."""
     model.eval()
@@ -533,7 +557,7 @@ def validation_loss(model, scheduler, images, ctx_table, ctx_mask, rows, batch, 
         r = rows[i:i + batch].to(ctx_table.device)
         with autocast:
             loss = diffusion_loss(model, scheduler, x0, ctx_table[r], ctx_mask[r], t_all[i:i + batch].to(x0.device),
-                                  noise_all[i:i + batch].to(x0.device))
+                                  noise_all[i:i + batch].to(x0.device), min_snr_gamma)
         total += loss.item() * x0.shape[0]
     model.train()
     return total / N
@@ -624,8 +648,7 @@ def global_batch_indices(step, n, global_batch, seed):
 def main(argv):
     C = SimpleNamespace(**parse_overrides(argv, DEFAULTS))
     explicit = {a[2:].split("=", 1)[0] for a in argv}
-    if C.wandb_mode not in ("auto", "online", "offline", "disabled"):
-        raise UserError(f"--wandb_mode={C.wandb_mode}: use auto, online, offline or disabled")
+    check_choices(C)
     if C.resume and C.resume != "auto" and find_checkpoint(C.resume) is None:
         raise UserError(f"--resume={C.resume}: no checkpoint there (pass a ckpt.pt, a run folder, or auto)")
     if not 0 <= C.p_uncond < 1 or not 0 <= C.ema_decay < 1:
@@ -642,10 +665,11 @@ def main(argv):
         else:
             ckpt = load_checkpoint(path)
             run_dir = os.path.dirname(os.path.abspath(path))
+            stored = {**RUN_DEFAULTS_BEFORE_KEY, **ckpt["config"]}  # a checkpoint older than a key ran with its old default
             for k in RUN_KEYS:
-                if k in explicit and getattr(C, k) != ckpt["config"][k]:
-                    raise UserError(f"--{k}={getattr(C, k)} differs from the resumed run's {ckpt['config'][k]}: drop it or start a new run")
-                setattr(C, k, ckpt["config"][k])
+                if k in explicit and getattr(C, k) != stored[k]:
+                    raise UserError(f"--{k}={getattr(C, k)} differs from the resumed run's {stored[k]}: drop it or start a new run")
+                setattr(C, k, stored[k])
     torch.manual_seed(C.seed + sysinfo.rank)
 
     hub_ok = None
@@ -683,7 +707,7 @@ def main(argv):
     model = UNet(model_cfg).to(dev, memory_format=layout)
     ema = UNet(model_cfg).to(dev, memory_format=layout).requires_grad_(False).eval()
     ema.load_state_dict(model.state_dict())
-    scheduler = NoiseScheduler(C.num_timesteps).to(dev)
+    scheduler = NoiseScheduler(C.num_timesteps, C.prediction_type).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=C.lr, weight_decay=C.weight_decay, betas=(0.9, 0.999))
     step, wandb_id = 0, None
     if ckpt is not None:
@@ -739,7 +763,8 @@ def main(argv):
         if not master:
             return
         state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                     model_args=dataclasses.asdict(model_cfg), num_timesteps=C.num_timesteps, text_encoder=C.text_encoder,
+                     model_args=dataclasses.asdict(model_cfg), num_timesteps=C.num_timesteps, prediction_type=C.prediction_type,
+                     text_encoder=C.text_encoder,
                      dataset=data_name, config=vars(C), wandb_id=wandb_run.id if wandb_run else None,
                      lr_schedule=dict(lr=C.lr, min_lr=C.min_lr, warmup_steps=C.warmup_steps, max_steps=C.max_steps), rng=rng)
         save_checkpoint(os.path.join(run_dir, CKPT_NAME), state)
@@ -764,7 +789,8 @@ def main(argv):
             raise UserError(f"the loss or the gradients became NaN or inf before step {step}: training stopped; {kept}. "
                             f"Lower --lr or raise --warmup_steps")
         if master and (step % C.eval_interval == 0 or last):
-            log = {"val/loss": validation_loss(model, scheduler, images[val_idx], ctx_table, ctx_mask, rows[val_idx], 2 * C.batch_size, sysinfo.autocast)}
+            log = {"val/loss": validation_loss(model, scheduler, images[val_idx], ctx_table, ctx_mask, rows[val_idx], 2 * C.batch_size,
+                                              sysinfo.autocast, C.min_snr_gamma)}
             line = f"step {step}: val loss {log['val/loss']:.4f}, train loss {loss_ema or float('nan'):.4f}, lr {lr_now:.2e}, {imgs_per_s:.0f} img/s"
             if C.dataset == "shapes":
                 adherence = shapes_adherence(ema, scheduler, judge_prompts, *judge_ctx, (0.0, C.sample_guidance),
@@ -811,7 +837,7 @@ def main(argv):
             x0 = torch.where(flip[mine, None, None, None], x0.flip(3), x0)
         r = torch.where(drop[mine], 0, train_rows[idx])  # caption dropout: row 0 is the empty caption
         with sysinfo.autocast:
-            loss = diffusion_loss(train_model, scheduler, x0, ctx_table[r], ctx_mask[r], t[mine], noise[mine])
+            loss = diffusion_loss(train_model, scheduler, x0, ctx_table[r], ctx_mask[r], t[mine], noise[mine], C.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)

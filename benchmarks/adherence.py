@@ -16,8 +16,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-from diffusion_model import NoiseScheduler  # noqa: E402
-from train_diffusion import (UserError, TextEncoder, build_model, embed_prompts, find_checkpoint, load_checkpoint,  # noqa: E402
+
+from train_diffusion import (UserError, TextEncoder, build_model, build_scheduler, embed_prompts, find_checkpoint, load_checkpoint,  # noqa: E402
                              parse_overrides, pick_device, run_cli, shapes_adherence)
 
 DEFAULTS = dict(checkpoint="diffusion_results", guidance_scales="0,1,2,3,5", sampler="ddim", steps=25, eta=1.0, seed=0,
@@ -25,11 +25,12 @@ DEFAULTS = dict(checkpoint="diffusion_results", guidance_scales="0,1,2,3,5", sam
 ATTRS = ("color", "shape", "position", "size")
 
 
-def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats, eta=1.0):
-    """Mean adherence over `repeats` seeds: {w: {split: {attr: frac}}}, and seconds per image."""
+def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats, eta=1.0, wording="canonical"):
+    """Mean adherence over `repeats` seeds: {w: {split: {attr: frac}}}, and seconds per image.
+    wording: the prompts' captions, canonical or novel (templates no training caption uses)."""
     import shapes
 
-    prompts = shapes.eval_prompts()
+    prompts = shapes.eval_prompts(wording)
     cond, uncond = embed_prompts(encoder, [p["caption"] for p in prompts], next(model.parameters()).device)
     total = {w: {s: dict.fromkeys(ATTRS, 0.0) for s in ("seen", "held_out")} for w in scales}
     t0 = time.time()
@@ -53,7 +54,7 @@ def load_shapes_checkpoint(where, use_ema, device="cpu"):
     if ckpt["dataset"] != "shapes":
         raise UserError(f"{path} was trained on {ckpt['dataset']}: the judge only knows the shapes dataset")
     model = build_model(ckpt, "ema" if use_ema else "model").to(device).eval()
-    return path, ckpt, model, NoiseScheduler(ckpt["num_timesteps"]).to(device)
+    return path, ckpt, model, build_scheduler(ckpt).to(device)
 
 
 def main(argv):

@@ -9,7 +9,7 @@ import torch
 
 import shapes
 import train_diffusion as td
-from diffusion_model import NoiseScheduler
+
 
 # the README's CPU recipe, shortened to fit a test (see README, "Results")
 RECIPE = ["--dataset=shapes", "--text_encoder=minilm", "--wandb_mode=disabled", "--image_size=16", "--base_channels=32",
@@ -23,7 +23,7 @@ def test_trained_model_follows_color_and_cfg_beats_no_guidance(tmp_path):
     run_dir = td.main(RECIPE + [f"--max_steps={TEST_STEPS}", f"--out_dir={tmp_path}"])
     ckpt = td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     model = td.build_model(ckpt, "ema").eval()
-    scheduler = NoiseScheduler(ckpt["num_timesteps"])
+    scheduler = td.build_scheduler(ckpt)
     prompts = shapes.eval_prompts()
     cond, uncond = td.embed_prompts(td.TextEncoder("minilm"), [p["caption"] for p in prompts], torch.device("cpu"))
     color = {0.0: 0.0, 3.0: 0.0}
