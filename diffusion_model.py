@@ -527,8 +527,9 @@ def sample(model, scheduler, cond, uncond=None, guidance_scale=1.0, sampler="ddp
     guidance_scale w: 1 = conditional only, 0 = unconditional only (one forward a step);
         otherwise classifier-free guidance with the unconditional `uncond` (context and mask of
         batch 1 or B), one forward of a doubled batch a step.
-    generator: a seed or a CPU torch.Generator. All noise is drawn on the CPU and then moved, so a
-        seed gives the same images on every run (and the same starting noise on every device).
+    generator: a seed, a CPU torch.Generator, or a list of B of them (one noise stream per image,
+        so that an image does not depend on the batch it is drawn in). All noise is drawn on the
+        CPU and then moved, so a seed gives the same images on every run (and device).
     callback(i, t, x_t, x0_pred) is called at every step, e.g. to keep a trajectory.
     Predicted x0 is clipped to [-1, 1] at every step. Returns x_0 in [-1, 1], (B, 3, H, W).
     """
@@ -544,8 +545,13 @@ def sample(model, scheduler, cond, uncond=None, guidance_scale=1.0, sampler="ddp
     if guidance_scale != 1.0:
         assert uncond is not None, "classifier-free guidance needs the unconditional (empty caption) context"
         uncond = tuple(u.expand(B, *u.shape[1:]) for u in uncond)
-    g = _generator(generator)
-    randn = lambda: torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    if isinstance(generator, (list, tuple)):
+        assert len(generator) == B, f"{len(generator)} generators for {B} images"
+        randn = lambda: torch.stack([torch.randn(shape, generator=g) for g in generator]).to(device)
+    else:
+        g = _generator(generator)
+        randn = lambda: torch.randn(B, *shape, generator=g).to(device)
 
     timesteps = list(range(T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(T, steps if steps is not None else 50)
     x = randn()  # x_T ~ N(0, I)

@@ -7,9 +7,9 @@ Draw images from a trained checkpoint. Edit the constants below, or override any
 Writes into out_dir:
     generated_image_pokemon.png       the plain conditional model (guidance_scale = 1, no guidance)
     generated_image_pokemon_cfg.png   classifier-free guidance at guidance_scale
-With num_images > 1 each file is a grid, and every image is also written alone
-(generated_image_pokemon_000.png, ..., generated_image_pokemon_cfg_000.png, ...).
-Both runs start from the same noise, so the two files differ only by the guidance.
+With num_images > 1 each file is a grid (of the first 64), and every image is also written alone
+(generated_image_pokemon_000.png, ..., generated_image_pokemon_cfg_000.png, ...), sampled
+batch_size at a time. Both runs start from the same noise, so the two files differ only by the guidance.
 """
 
 import os
@@ -17,18 +17,21 @@ import sys
 
 import torch
 
+from checkpoints import build_model, build_scheduler, find_checkpoint, load_checkpoint
+from configurator import UserError, parse_config, pick_device, run_cli
 from diffusion_model import sample
-from train_diffusion import (UserError, TextEncoder, build_model, build_scheduler, embed_prompts, find_checkpoint, load_checkpoint, pick_device,
-                             parse_overrides, run_cli, save_grid)
+from image_data import save_grid
+from text_encoders import TextEncoder, embed_prompts
 
 # -----------------------------------------------------------------------------
 checkpoint = ""  # a ckpt.pt or a run folder; "" = the latest run in out_dir
 condition = "a large red circle in the center"  # the prompt; "" is the unconditional prompt (the model's own prior)
-guidance_scale = 3.0  # CFG weight w: eps = eps_u + w (eps_c - eps_u); 3 gave the best adherence on shapes (README)
+guidance_scale = 3.0  # CFG weight w: out = out_u + w (out_c - out_u); 3 is as good as any scale on shapes (README)
 num_images = 4  # images per file
+batch_size = 64  # images sampled at once (memory); the images do not depend on it
 sampler = "ddpm"  # ddpm (all T steps, Ho et al.) | ddim (Song et al., `steps` steps)
-steps = 50  # DDIM steps, 1..T
-eta = 1.0  # DDIM noise: 1 stochastic like DDPM (keeps up with DDPM's adherence, README), 0 deterministic (Song et al.)
+steps = 25  # DDIM steps, 1..T
+eta = 0.0  # DDIM noise: 0 deterministic (Song et al.), 1 stochastic like DDPM
 seed = 0  # same seed + same checkpoint + same device = byte-identical PNGs
 use_ema = True  # sample with the EMA weights (smoother, better) rather than the last training weights
 save_trajectory = False  # also write generated_image_pokemon_trajectory.png: x_t (top) and predicted x0 (bottom)
@@ -36,67 +39,69 @@ out_dir = "diffusion_results"
 device = "auto"  # auto | cuda | cpu
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+RANGES = dict(checkpoint="text", condition="text", guidance_scale="[0, 100]", num_images="[1, 1000000]", batch_size="[1, 4096]",
+              sampler=("ddpm", "ddim"), steps="[1, 100000]", eta="[0, 1]", seed="[0, 2147483647]", use_ema="bool",
+              save_trajectory="bool", out_dir="nonempty", device=("auto", "cuda", "cpu"))
 NAME = "generated_image_pokemon"
+GRID_MAX = 64  # the grid PNG shows at most this many images; every image is also written alone
 
 
 def main(argv):
-    C = parse_overrides(argv, DEFAULTS)
-    if C["sampler"] not in ("ddpm", "ddim"):
-        raise UserError(f"unknown sampler {C['sampler']!r}: use --sampler=ddpm or --sampler=ddim")
-    if not 0 <= C["guidance_scale"] < float("inf"):  # written so that nan fails too
-        raise UserError(f"guidance_scale {C['guidance_scale']} must be a finite number >= 0: "
-                        f"use 0 (unconditional), 1 (no guidance) or more")
-    if C["sampler"] == "ddim" and C["steps"] < 1:  # the upper bound, T, is known once the checkpoint is read
-        raise UserError(f"steps {C['steps']} is out of range: DDIM takes at least 1 step")
-    if C["num_images"] < 1:
-        raise UserError(f"num_images {C['num_images']} must be at least 1")
-    if not 0 <= C["eta"] <= 1:
-        raise UserError(f"eta {C['eta']} must lie in [0, 1]")
-    dev = pick_device(C["device"])
+    C, _ = parse_config(argv, DEFAULTS, RANGES)
+    dev = pick_device(C.device)
 
-    where = C["checkpoint"] or C["out_dir"]
+    where = C.checkpoint or C.out_dir
     path = find_checkpoint(where)
     if path is None:
         raise UserError(f"no checkpoint in {where}: train one with python train_diffusion.py, or pass --checkpoint=<ckpt.pt or run folder>")
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt, "ema" if C["use_ema"] else "model").to(dev).eval()
+    model = build_model(ckpt, "ema" if C.use_ema else "model").to(dev).eval()
     scheduler = build_scheduler(ckpt).to(dev)
     T = scheduler.num_timesteps
-    if C["sampler"] == "ddim" and not 1 <= C["steps"] <= T:
-        raise UserError(f"steps {C['steps']} is out of range: DDIM takes 1 to {T} steps")
+    if C.sampler == "ddim" and not 1 <= C.steps <= T:
+        raise UserError(f"--steps={C.steps} is out of range: DDIM takes 1 to {T} steps")
 
     # the encoder the model was trained with, never another: its features are what the model reads
     encoder = TextEncoder(ckpt["text_encoder"], dev)
-    prompt = C["condition"]
+    prompt = C.condition
     if prompt == "":
         print("note: the empty prompt is the unconditional prompt: both images show the model's prior, guidance changes nothing")
     if encoder.count_truncated([prompt]):
         print(f"warning: the prompt is longer than {encoder.max_length} tokens and was cut there", file=sys.stderr)
-    cond, uncond = embed_prompts(encoder, [prompt] * C["num_images"], dev)
+    cond, uncond = embed_prompts(encoder, [prompt], dev)
     del encoder
-    how = "ddpm, all steps" if C["sampler"] == "ddpm" else f"ddim, {C['steps']} steps, eta {C['eta']}"
-    print(f"checkpoint {path} (step {ckpt['step']}, {ckpt['dataset']}, text encoder {ckpt['text_encoder']}) | {how} | {dev}")
+    how = "ddpm, all steps" if C.sampler == "ddpm" else f"ddim, {C.steps} steps, eta {C.eta:g}"
+    print(f"checkpoint {path} (step {ckpt['step']}, {ckpt['dataset']}, predicts {scheduler.prediction_type}, "
+          f"text encoder {ckpt['text_encoder']}) | {how} | {dev}")
 
-    os.makedirs(C["out_dir"], exist_ok=True)
+    os.makedirs(C.out_dir, exist_ok=True)
     trajectory = []
-    keep = set(torch.linspace(0, (T if C["sampler"] == "ddpm" else C["steps"]) - 1, 8).round().long().tolist())
+    keep = set(torch.linspace(0, (T if C.sampler == "ddpm" else C.steps) - 1, 8).round().long().tolist())
 
     def record(i, t, x_t, x0):
         if i in keep:
             trajectory.append((x_t[:1].cpu(), x0[:1].cpu()))
 
-    common = dict(sampler=C["sampler"], steps=C["steps"], eta=C["eta"], progress=True)
-    for suffix, w in (("", 1.0), ("_cfg", C["guidance_scale"])):
-        images = sample(model, scheduler, cond, uncond, guidance_scale=w, generator=C["seed"],
-                        callback=record if (C["save_trajectory"] and suffix == "_cfg") else None, **common)
-        save_grid(images, os.path.join(C["out_dir"], f"{NAME}{suffix}.png"), nrow=min(8, C["num_images"]))
-        if C["num_images"] > 1:
-            for i, img in enumerate(images):
-                save_grid(img[None], os.path.join(C["out_dir"], f"{NAME}{suffix}_{i:03d}.png"))
-        print(f"wrote {os.path.join(C['out_dir'], NAME + suffix + '.png')} (guidance {w:g}): {prompt!r}")
-    if C["save_trajectory"]:
+    for suffix, w in (("", 1.0), ("_cfg", C.guidance_scale)):
+        grid = []
+        for start in range(0, C.num_images, C.batch_size):
+            n = min(C.batch_size, C.num_images - start)
+            # image i has its own noise stream, seeded by (seed, i): the same bytes whatever the batch size
+            gens = [torch.Generator().manual_seed(C.seed * 1_000_003 + i) for i in range(start, start + n)]
+            images = sample(model, scheduler, (cond[0].expand(n, -1, -1), cond[1].expand(n, -1)), uncond, guidance_scale=w,
+                            sampler=C.sampler, steps=C.steps, eta=C.eta, generator=gens, progress=True,
+                            callback=record if (C.save_trajectory and suffix == "_cfg" and start == 0) else None)
+            grid.append(images[:max(0, GRID_MAX - start)].cpu())
+            if C.num_images > 1:
+                for i, img in enumerate(images, start):
+                    save_grid(img[None], os.path.join(C.out_dir, f"{NAME}{suffix}_{i:03d}.png"))
+        grid = torch.cat(grid)
+        save_grid(grid, os.path.join(C.out_dir, f"{NAME}{suffix}.png"), nrow=min(8, len(grid)))
+        print(f"wrote {os.path.join(C.out_dir, NAME + suffix + '.png')} (guidance {w:g}"
+              + (f", {len(grid)} of {C.num_images} images; each one is also written alone" if C.num_images > 1 else "") + f"): {prompt!r}")
+    if C.save_trajectory:
         strip = torch.cat([torch.cat([x_t for x_t, _ in trajectory]), torch.cat([x0 for _, x0 in trajectory])])
-        path = os.path.join(C["out_dir"], f"{NAME}_trajectory.png")
+        path = os.path.join(C.out_dir, f"{NAME}_trajectory.png")
         save_grid(strip.clamp(-1, 1), path, nrow=len(trajectory))
         print(f"wrote {path}: x_t (top) and predicted x0 (bottom) at {len(trajectory)} of the steps")
 

@@ -1,9 +1,9 @@
 """
 The adherence ablation of the README: each lever alone and the chosen combination, trained with
-the CPU recipe for the same number of steps, then judged with every sampler.
+the CPU recipe (config/shapes_cpu.py) for the same number of steps, then judged with every sampler.
 
-    python benchmarks/ablation.py --out_dir=ablation --jobs=2               # train what is missing, judge, print the table
-    python benchmarks/ablation.py --out_dir=ablation --variants=baseline,v --train_seeds=0,1
+    python -m benchmarks.ablation --out_dir=ablation --jobs=2               # train what is missing, judge, print the table
+    python -m benchmarks.ablation --out_dir=ablation --variants=baseline,v --train_seeds=0,1
 
 Each (variant, training seed) trains in its own process (`--jobs` at a time, the cores split
 between them, OMP_NUM_THREADS = cores / jobs) into <out_dir>/<variant>-s<seed>, unless a finished
@@ -22,74 +22,73 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.adherence import ATTRS, load_shapes_checkpoint, score  # noqa: E402
-from train_diffusion import TextEncoder, UserError, parse_overrides, run_cli  # noqa: E402
+from benchmarks.adherence import ATTRS, load_shapes_checkpoint, score
+from configurator import UserError, parse_config, run_cli
+from text_encoders import TextEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The README's CPU recipe before this ablation: eps, no positions, the six caption templates.
-RECIPE = ["--dataset=shapes", "--text_encoder=minilm", "--image_size=16", "--base_channels=32", "--channel_mults=1,2",
-          "--num_res_blocks=1", "--attention_levels=1", "--batch_size=32", "--lr=1e-3", "--min_lr=1e-4", "--warmup_steps=100",
-          "--eval_interval=1000", "--sample_interval=1000", "--ckpt_interval=1000", "--wandb_mode=disabled",
-          "--prediction_type=eps", "--pos_embed=false", "--coord_conv=false", "--min_snr_gamma=0", "--shapes_captions=six"]
+# The CPU recipe (config/shapes_cpu.py) as it was before this ablation: eps, no positions, the six
+# caption templates. Each variant changes one thing; "chosen" is the recipe file as it is now.
+BEFORE = ["--prediction_type=eps", "--pos_embed=false", "--coord_conv=false", "--min_snr_gamma=0", "--shapes_captions=six"]
 VARIANTS = {
-    "baseline": [],
-    "v": ["--prediction_type=v"],
-    "pos_embed": ["--pos_embed=true"],
-    "coord_conv": ["--coord_conv=true"],
-    "min_snr": ["--min_snr_gamma=5"],
-    "attn16": ["--attention_levels=0,1"],
-    "varied_captions": ["--shapes_captions=varied"],
-    "chosen": ["--prediction_type=v", "--pos_embed=true", "--shapes_captions=varied"],
+    "baseline": BEFORE,
+    "v": BEFORE + ["--prediction_type=v"],
+    "pos_embed": BEFORE + ["--pos_embed=true"],
+    "coord_conv": BEFORE + ["--coord_conv=true"],
+    "min_snr": BEFORE + ["--min_snr_gamma=5"],
+    "attn16": BEFORE + ["--attention_levels=0,1"],
+    "varied_captions": BEFORE + ["--shapes_captions=varied"],
+    "chosen": [],
 }
+RECIPE = ["config/shapes_cpu.py", "--wandb_mode=disabled"]
 DEFAULTS = dict(out_dir="ablation", variants=",".join(VARIANTS), train_seeds="0", ddpm_variants="baseline,chosen", jobs=2,
                 max_steps=3000, repeats=4, guidance=3.0, speed=False)
 
 
 def run_one(C, name, seed, threads):
-    run_dir = os.path.join(C["out_dir"], f"{name}-s{seed}")
+    run_dir = os.path.join(C.out_dir, f"{name}-s{seed}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    done = os.path.isfile(ckpt_path) and torch.load(ckpt_path, map_location="cpu", weights_only=True)["step"] >= C["max_steps"]
+    done = os.path.isfile(ckpt_path) and torch.load(ckpt_path, map_location="cpu", weights_only=True)["step"] >= C.max_steps
     if not done:
         os.makedirs(run_dir, exist_ok=True)
         cmd = [sys.executable, os.path.join(ROOT, "train_diffusion.py"), *RECIPE, *VARIANTS[name], f"--seed={seed}",
-               f"--max_steps={C['max_steps']}", f"--out_dir={run_dir}", "--resume=auto"]
+               f"--max_steps={C.max_steps}", f"--out_dir={run_dir}", "--resume=auto"]
         with open(os.path.join(run_dir, "train.out"), "w") as log:
-            subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+            subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
         # train_diffusion makes a timestamped run folder inside out_dir: take its checkpoint up one level
         inner = [d for d in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, d, "ckpt.pt"))]
         os.replace(os.path.join(run_dir, sorted(inner)[-1], "ckpt.pt"), ckpt_path)
     result_path = os.path.join(run_dir, "ablation.json")
     if os.path.isfile(result_path):
         return
-    cmd = [sys.executable, os.path.abspath(__file__), f"--out_dir={C['out_dir']}", f"--repeats={C['repeats']}",
-           f"--guidance={C['guidance']}", f"--ddpm_variants={C['ddpm_variants']}", f"--variants={name}", f"--train_seeds={seed}",
+    cmd = [sys.executable, "-m", "benchmarks.ablation", f"--out_dir={C.out_dir}", f"--repeats={C.repeats}",
+           f"--guidance={C.guidance}", f"--ddpm_variants={C.ddpm_variants}", f"--variants={name}", f"--train_seeds={seed}",
            "--jobs=0"]
-    subprocess.run(cmd, env=env, check=True)
+    subprocess.run(cmd, env=env, check=True, cwd=ROOT)
 
 
 def judge_run(C, name, seed):
     """Score one trained run with every sampler; write <run>/ablation.json."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    run_dir = os.path.join(C["out_dir"], f"{name}-s{seed}")
+    run_dir = os.path.join(C.out_dir, f"{name}-s{seed}")
     _, ckpt, model, scheduler = load_shapes_checkpoint(run_dir, True)
     encoder = TextEncoder(ckpt["text_encoder"])
-    w, out = C["guidance"], {}
+    w, out = C.guidance, {}
     setups = [("ddim25_eta0", "ddim", 25, 0.0), ("ddim10_eta0", "ddim", 10, 0.0)]
-    if name in C["ddpm_variants"].split(","):
+    if name in C.ddpm_variants.split(","):
         setups.insert(0, ("ddpm1000", "ddpm", ckpt["num_timesteps"], 1.0))
     for key, sampler, steps, eta in setups:
         scales = [0.0, w] if key == "ddim25_eta0" else [w]
-        res, spi = score(model, scheduler, encoder, scales, sampler, steps, 0, C["repeats"], eta)
+        res, spi = score(model, scheduler, encoder, scales, sampler, steps, 0, C.repeats, eta)
         out[key] = res[w]
         if key == "ddim25_eta0":
             out["ddim25_eta0_w0"] = res[0.0]
         print(f"{name}-s{seed} {key}: " + " ".join(f"{s}:{a} {res[w][s][a]:.2f}" for s in res[w] for a in ATTRS), flush=True)
-    res, _ = score(model, scheduler, encoder, [w], "ddim", 25, 0, C["repeats"], 0.0, wording="novel")
+    res, _ = score(model, scheduler, encoder, [w], "ddim", 25, 0, C.repeats, 0.0, wording="novel")
     out["novel_ddim25_eta0"] = res[w]
     with open(os.path.join(run_dir, "ablation.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -98,10 +97,11 @@ def judge_run(C, name, seed):
 def speed(C, names):
     """img/s of each variant alone on all cores: 200 steps, the rate logged over the last 100."""
     for name in names:
-        run_dir = os.path.join(C["out_dir"], "speed", name)
+        run_dir = os.path.join(C.out_dir, "speed", name)
         cmd = [sys.executable, os.path.join(ROOT, "train_diffusion.py"), *RECIPE, *VARIANTS[name], "--max_steps=200",
                "--eval_interval=100000", "--sample_interval=100000", f"--out_dir={run_dir}"]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                       cwd=ROOT)
         inner = sorted(os.listdir(run_dir))[-1]
         rates = [r["train/images_per_s"] for r in map(json.loads, open(os.path.join(run_dir, inner, "log.jsonl")))
                  if "train/images_per_s" in r and r["step"] > 100]
@@ -114,7 +114,7 @@ def table(C, names, seeds):
     print("|---|---|---|---|---|")
     for name in names:
         for seed in seeds:
-            path = os.path.join(C["out_dir"], f"{name}-s{seed}", "ablation.json")
+            path = os.path.join(C.out_dir, f"{name}-s{seed}", "ablation.json")
             if not os.path.isfile(path):
                 continue
             r = json.load(open(path))
@@ -126,18 +126,18 @@ def table(C, names, seeds):
 
 
 def main(argv):
-    C = parse_overrides(argv, DEFAULTS)
-    names = [n for n in C["variants"].split(",") if n]
+    C, _ = parse_config(argv, DEFAULTS)
+    names = [n for n in C.variants.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise UserError(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    seeds = [int(s) for s in C["train_seeds"].split(",")]
-    if C["speed"]:
+    seeds = [int(s) for s in C.train_seeds.split(",")]
+    if C.speed:
         return speed(C, names)
-    if C["jobs"] == 0:  # a worker: judge the one run it was given
+    if C.jobs == 0:  # a worker: judge the one run it was given
         return judge_run(C, names[0], seeds[0])
-    threads = max(1, (os.cpu_count() or 2) // C["jobs"])
-    with ThreadPoolExecutor(C["jobs"]) as pool:
+    threads = max(1, (os.cpu_count() or 2) // C.jobs)
+    with ThreadPoolExecutor(C.jobs) as pool:
         for f in [pool.submit(run_one, C, n, s, threads) for n in names for s in seeds]:
             f.result()
     table(C, names, seeds)

@@ -1,8 +1,8 @@
 """
 Score a `shapes` checkpoint: does it draw what it is told?
 
-    python benchmarks/adherence.py --checkpoint=diffusion_results            # latest run
-    python benchmarks/adherence.py --checkpoint=... --guidance_scales=0,1,2,3,5 --sampler=ddim --steps=25 --eta=1
+    python -m benchmarks.adherence --checkpoint=diffusion_results            # latest run
+    python -m benchmarks.adherence --checkpoint=... --guidance_scales=0,1,2,3,5 --sampler=ddim --steps=25 --eta=1
 
 Samples every prompt of shapes.eval_prompts() (seen and held-out color x shape pairs) at each
 guidance scale, judges the images with shapes.judge, prints a table (attribute x guidance scale x
@@ -13,12 +13,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 
-from train_diffusion import (UserError, TextEncoder, build_model, build_scheduler, embed_prompts, find_checkpoint, load_checkpoint,  # noqa: E402
-                             parse_overrides, pick_device, run_cli, shapes_adherence)
+from checkpoints import build_model, build_scheduler, find_checkpoint, load_checkpoint
+from configurator import UserError, parse_config, pick_device, run_cli
+from shapes import sample_adherence
+from text_encoders import TextEncoder, embed_prompts
 
 DEFAULTS = dict(checkpoint="diffusion_results", guidance_scales="0,1,2,3,5", sampler="ddim", steps=25, eta=1.0, seed=0,
                 repeats=2, use_ema=True, plot="", device="auto")
@@ -35,7 +36,7 @@ def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats, eta=
     total = {w: {s: dict.fromkeys(ATTRS, 0.0) for s in ("seen", "held_out")} for w in scales}
     t0 = time.time()
     for r in range(repeats):
-        res = shapes_adherence(model, scheduler, prompts, cond, uncond, scales, steps, seed + r, sampler=sampler, eta=eta)
+        res = sample_adherence(model, scheduler, prompts, cond, uncond, scales, steps, seed + r, sampler=sampler, eta=eta)
         for w in scales:
             for split in res[w]:
                 for a in ATTRS:
@@ -58,14 +59,14 @@ def load_shapes_checkpoint(where, use_ema, device="cpu"):
 
 
 def main(argv):
-    C = parse_overrides(argv, DEFAULTS)
-    scales = [float(w) for w in C["guidance_scales"].split(",")]
-    path, ckpt, model, scheduler = load_shapes_checkpoint(C["checkpoint"], C["use_ema"], pick_device(C["device"]))
+    C, _ = parse_config(argv, DEFAULTS)
+    scales = [float(w) for w in C.guidance_scales.split(",")]
+    path, ckpt, model, scheduler = load_shapes_checkpoint(C.checkpoint, C.use_ema, pick_device(C.device))
     encoder = TextEncoder(ckpt["text_encoder"])
-    res, spi = score(model, scheduler, encoder, scales, C["sampler"], C["steps"], C["seed"], C["repeats"], C["eta"])
+    res, spi = score(model, scheduler, encoder, scales, C.sampler, C.steps, C.seed, C.repeats, C.eta)
 
-    how = f"{C['sampler']}" + (f"-{C['steps']} eta={C['eta']:g}" if C["sampler"] == "ddim" else "")
-    print(f"checkpoint {path} (step {ckpt['step']}), {how}, {C['repeats']} seeds x {len(__import__('shapes').eval_prompts())} prompts, "
+    how = f"{C.sampler}" + (f"-{C.steps} eta={C.eta:g}" if C.sampler == "ddim" else "")
+    print(f"checkpoint {path} (step {ckpt['step']}), {how}, {C.repeats} seeds x {len(__import__('shapes').eval_prompts())} prompts, "
           f"{spi:.3f} s/image")
     print("| attribute | split | " + " | ".join(f"w={w:g}" for w in scales) + " |")
     print("|---|---|" + "---|" * len(scales))
@@ -90,7 +91,7 @@ def main(argv):
     axes[1].legend(loc="lower right")
     fig.suptitle(f"step {ckpt['step']}, {how}")
     fig.tight_layout()
-    out = C["plot"] or os.path.join(os.path.dirname(path), "adherence.png")
+    out = C.plot or os.path.join(os.path.dirname(path), "adherence.png")
     fig.savefig(out, dpi=100)
     print(f"wrote {out}")
     return res

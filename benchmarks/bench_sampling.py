@@ -3,9 +3,9 @@ Sampling speed against quality on a `shapes` checkpoint: seconds per image and j
 DDPM over all 1000 steps and DDIM with 50, 25 and 10 steps (deterministic, eta = 0, and stochastic,
 eta = 1), each without (w = 1) and with classifier-free guidance (w = --guidance).
 
-    python benchmarks/bench_sampling.py                                   # latest run in diffusion_results
-    python benchmarks/bench_sampling.py --checkpoint=diffusion_results/<run> --guidance=3 --repeats=3
-    python benchmarks/bench_sampling.py --samplers=ddim25,ddim10 --etas=0  # any of ddpm, ddim<steps>
+    python -m benchmarks.bench_sampling                                   # latest run in diffusion_results
+    python -m benchmarks.bench_sampling --checkpoint=diffusion_results/<run> --guidance=3 --repeats=3
+    python -m benchmarks.bench_sampling --samplers=ddim25,ddim10 --etas=0  # any of ddpm, ddim<steps>
 
 Each (sampler, guidance) samples all 27 prompts of shapes.eval_prompts() as one batch, `repeats`
 times with seeds seed, seed+1, ..., through benchmarks/adherence.py's score(), which also judges the
@@ -19,15 +19,14 @@ Keys (--key=value): checkpoint (ckpt.pt, run folder or out_dir), guidance, repea
 etas (DDIM's eta values, comma-separated), device (auto|cpu|cuda), use_ema.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-import shapes  # noqa: E402
-from benchmarks.adherence import load_shapes_checkpoint, score  # noqa: E402
-from train_diffusion import UserError, TextEncoder, parse_overrides, pick_device, run_cli  # noqa: E402
+import shapes
+from benchmarks.adherence import load_shapes_checkpoint, score
+from configurator import UserError, parse_config, pick_device, run_cli
+from text_encoders import TextEncoder
 
 DEFAULTS = dict(checkpoint="diffusion_results", guidance=3.0, repeats=1, seed=0, samplers="ddpm,ddim50,ddim25,ddim10",
                 etas="0,1", device="auto", use_ema=True)
@@ -51,35 +50,35 @@ def parse_samplers(text, num_timesteps, etas=(0.0,)):
 
 
 def main(argv):
-    C = parse_overrides(argv, DEFAULTS)
-    if C["repeats"] < 1:
+    C, _ = parse_config(argv, DEFAULTS)
+    if C.repeats < 1:
         raise UserError("--repeats must be >= 1")
-    device = pick_device(C["device"])
-    path, ckpt, model, scheduler = load_shapes_checkpoint(C["checkpoint"], C["use_ema"], device)
+    device = pick_device(C.device)
+    path, ckpt, model, scheduler = load_shapes_checkpoint(C.checkpoint, C.use_ema, device)
     try:
-        etas = [float(e) for e in C["etas"].split(",")]
+        etas = [float(e) for e in C.etas.split(",")]
     except ValueError:
-        raise UserError(f"--etas={C['etas']}: give numbers separated by commas, e.g. 0,1") from None
+        raise UserError(f"--etas={C.etas}: give numbers separated by commas, e.g. 0,1") from None
     if any(e < 0 for e in etas):
-        raise UserError(f"--etas={C['etas']}: eta must be >= 0")
-    samplers = parse_samplers(C["samplers"], ckpt["num_timesteps"], etas)
+        raise UserError(f"--etas={C.etas}: eta must be >= 0")
+    samplers = parse_samplers(C.samplers, ckpt["num_timesteps"], etas)
     encoder = TextEncoder(ckpt["text_encoder"])
-    guidances = [1.0] if C["guidance"] == 1.0 else [1.0, C["guidance"]]
+    guidances = [1.0] if C.guidance == 1.0 else [1.0, C.guidance]
     n_prompts = len(shapes.eval_prompts())
     n_seen = sum(not p["held_out"] for p in shapes.eval_prompts())
 
     forward_batches = []  # the batch size of every U-Net call
     model.register_forward_hook(lambda module, inputs, output: forward_batches.append(inputs[0].shape[0]))
-    score(model, scheduler, encoder, [C["guidance"]], "ddim", 2, C["seed"], 1)  # warm-up, not reported
+    score(model, scheduler, encoder, [C.guidance], "ddim", 2, C.seed, 1)  # warm-up, not reported
 
     print(f"checkpoint {path} (step {ckpt['step']}, {ckpt['model_args']['image_size']}px) on {device}, "
-          f"{C['repeats']} repeat(s), seed {C['seed']}")
+          f"{C.repeats} repeat(s), seed {C.seed}")
     rows = []
     for sampler, steps, eta in samplers:
         for w in guidances:
             forward_batches.clear()
-            res, seconds_per_image = score(model, scheduler, encoder, [w], sampler, steps, C["seed"], C["repeats"], eta)
-            forwards_per_step = len(forward_batches) / (steps * C["repeats"])
+            res, seconds_per_image = score(model, scheduler, encoder, [w], sampler, steps, C.seed, C.repeats, eta)
+            forwards_per_step = len(forward_batches) / (steps * C.repeats)
             rows.append(dict(sampler=sampler, steps=steps, eta=eta, w=w, spi=seconds_per_image, fps=forwards_per_step,
                              batch=sorted(set(forward_batches)), seen=res[w]["seen"], held_out=res[w]["held_out"]))
             print(f"{sampler}-{steps} eta={eta:g} w={w:g}: {seconds_per_image:.4f} s/image, {forwards_per_step:g} forwards/step "
@@ -108,7 +107,7 @@ def main(argv):
         print(f"DDIM-25 (eta={eta:g}) vs DDPM-{T} at w={w:g}: adherence differences (DDIM - DDPM, seen) "
               + ", ".join(f"{a} {d:+.2f}" for a, d in diffs.items())
               + f"; largest {worst:.2f} -> {'within' if worst <= 0.02 + 1e-9 else 'NOT within'} 0.02 "
-              f"(resolution {1 / (n_seen * C['repeats']):.3f}: one image of {n_seen} seen prompts x {C['repeats']} repeat(s)); "
+              f"(resolution {1 / (n_seen * C.repeats):.3f}: one image of {n_seen} seen prompts x {C.repeats} repeat(s)); "
               f"DDIM-25 is {ddpm['spi'] / ddim25['spi']:.1f}x faster")
     return rows
 

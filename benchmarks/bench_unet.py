@@ -2,9 +2,9 @@
 Our U-Net (diffusion_model.UNet) against diffusers' UNet2DConditionModel built to the same layout:
 parameter counts, training-step throughput and peak memory.
 
-    python benchmarks/bench_unet.py                                    # CPU: 32 px and 64 px, eager
-    python benchmarks/bench_unet.py --device=cuda --compile=true       # GPU: bf16, channels_last, eager and torch.compile
-    python benchmarks/bench_unet.py --image_sizes=32 --repeats=3 --threads=2
+    python -m benchmarks.bench_unet                                    # CPU: 32 px and 64 px, eager
+    python -m benchmarks.bench_unet --device=cuda --compile=true       # GPU: bf16, channels_last, eager and torch.compile
+    python -m benchmarks.bench_unet --image_sizes=32 --repeats=3 --threads=2
 
 What it measures, for each image size:
 
@@ -50,13 +50,12 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from diffusion_model import UNet, UNetConfig  # noqa: E402
-from train_diffusion import UserError, parse_overrides, pick_device, run_cli  # noqa: E402
+from diffusion_model import UNet, UNetConfig
+from configurator import UserError, parse_config, pick_device, run_cli
 
 DEFAULTS = dict(image_sizes=(32, 64), batch_size=16, context_len=16, repeats=5, steps=0, base_channels=64,
                 channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2), n_heads=4, context_dim=384,
@@ -241,30 +240,30 @@ def machine_name(device):
 
 
 def main(argv):
-    C = parse_overrides(argv, DEFAULTS)
-    if C["context_len"] < 2 or C["batch_size"] < 1 or C["repeats"] < 1:
+    C, _ = parse_config(argv, DEFAULTS)
+    if C.context_len < 2 or C.batch_size < 1 or C.repeats < 1:
         raise UserError("--context_len must be >= 2, --batch_size and --repeats >= 1")
-    device = pick_device(C["device"])
+    device = pick_device(C.device)
     cuda = device.type == "cuda"
-    if C["threads"]:
-        torch.set_num_threads(C["threads"])
+    if C.threads:
+        torch.set_num_threads(C.threads)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    steps = C["steps"] or (20 if cuda else 2)
-    B, L = C["batch_size"], C["context_len"]
+    steps = C.steps or (20 if cuda else 2)
+    B, L = C.batch_size, C.context_len
     peak = bf16_peak_flops(torch.cuda.get_device_name(device)) if cuda else None
     import diffusers
 
     print(f"device {device} ({machine_name(device)}) | {'bf16 autocast, channels_last' if cuda else 'fp32'} | "
-          f"batch {B}, {L} text tokens | {C['repeats']} interleaved rounds of {steps} steps after warm-up")
+          f"batch {B}, {L} text tokens | {C.repeats} interleaved rounds of {steps} steps after warm-up")
     rows = []
-    for size in C["image_sizes"]:
+    for size in C.image_sizes:
         try:
-            cfg = UNetConfig(image_size=size, base_channels=C["base_channels"], channel_mults=C["channel_mults"],
-                             num_res_blocks=C["num_res_blocks"], attention_levels=C["attention_levels"],
-                             n_heads=C["n_heads"], context_dim=C["context_dim"])
+            cfg = UNetConfig(image_size=size, base_channels=C.base_channels, channel_mults=C.channel_mults,
+                             num_res_blocks=C.num_res_blocks, attention_levels=C.attention_levels,
+                             n_heads=C.n_heads, context_dim=C.context_dim)
         except ValueError as e:
             raise UserError(str(e)) from None
         models = {which: build(which, cfg, device, channels_last=cuda) for which in ("ours", "diffusers")}
@@ -286,7 +285,7 @@ def main(argv):
 
         batch = make_batch(cfg, B, L, device, channels_last=cuda)
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        for mode in ["eager"] + (["compile"] if C["compile"] else []):
+        for mode in ["eager"] + (["compile"] if C.compile else []):
             if mode == "compile":
                 runners = {which: torch.compile(m) for which, m in models.items()}
             else:
@@ -303,28 +302,28 @@ def main(argv):
             sync()
             print(f"{size}px {mode}: warm-up {time.perf_counter() - t0:.1f}s")
             seconds = {which: [] for which in runners}
-            for r in range(C["repeats"]):
+            for r in range(C.repeats):
                 for which in runners:  # interleaved: ours, diffusers, ours, diffusers, ...
                     sync()
                     t0 = time.perf_counter()
                     run(which, steps)
                     sync()
                     seconds[which].append(time.perf_counter() - t0)
-                print(f"{size}px {mode}: round {r + 1}/{C['repeats']}: " +
+                print(f"{size}px {mode}: round {r + 1}/{C.repeats}: " +
                       ", ".join(f"{which} {steps * B / seconds[which][-1]:.1f} img/s" for which in runners))
             img_s = {which: steps * B / statistics.median(s) for which, s in seconds.items()}
 
             if cuda:
                 mem = {which: cuda_peak_mib(which, runners[which], optimizers[which], batch, autocast) for which in runners}
             elif mode == "eager":
-                mem = {which: cpu_peak_rss_mib(which, cfg, B, L, C["threads"]) for which in runners}
+                mem = {which: cpu_peak_rss_mib(which, cfg, B, L, C.threads) for which in runners}
             else:
                 mem = {which: None for which in runners}  # a compiled subprocess would measure the compiler
             mfu = {which: flops[which] * img_s[which] / B / peak if peak else None for which in runners}
             rows.append((size, mode, img_s, mem, mfu))
 
     mem_how = "CUDA max_memory_allocated, model alone" if cuda else "peak RSS of a fresh process, 2 steps, minus its RSS before the model"
-    print(f"\nTraining step (forward + MSE + backward + AdamW), median of {C['repeats']} interleaved rounds; "
+    print(f"\nTraining step (forward + MSE + backward + AdamW), median of {C.repeats} interleaved rounds; "
           f"peak memory: {mem_how}; MFU: FLOP/s over the GPU's dense bf16 peak")
     print("| image | mode | ours img/s | diffusers img/s | ours/diffusers | ours peak MiB | diffusers peak MiB | ours MFU | diffusers MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -334,7 +333,7 @@ def main(argv):
         print(f"| {size}px | {mode} | {img_s['ours']:.1f} | {img_s['diffusers']:.1f} | {img_s['ours'] / img_s['diffusers']:.2f} | "
               f"{fmt_mem(mem['ours'])} | {fmt_mem(mem['diffusers'])} | {fmt_mfu(mfu['ours'])} | {fmt_mfu(mfu['diffusers'])} |")
     print(f"\nmachine: {machine_name(device)} | torch {torch.__version__} | diffusers {diffusers.__version__} | "
-          f"command: python benchmarks/bench_unet.py {shlex.join(argv)}".rstrip())
+          f"command: python -m benchmarks.bench_unet {shlex.join(argv)}".rstrip())
     return rows
 
 

@@ -4,25 +4,23 @@ setup (memory layout, cudnn.benchmark, fp32/TF32 without autocast), then torch.p
 table of the ops that take the most GPU time in the baseline (what train_diffusion.py does on
 CUDA: bf16 autocast, channels_last).
 
-    python benchmarks/gpu_profile.py                                  # 64 px, batch 256, bench_unet's layout
-    python benchmarks/gpu_profile.py --image_size=32 --batch_size=256 --rows=30
+    python -m benchmarks.gpu_profile                                  # 64 px, batch 256, bench_unet's layout
+    python -m benchmarks.gpu_profile --image_size=32 --batch_size=256 --rows=30
 
 Keys (--key=value): image_size, batch_size, steps (timed steps per variant), rows (profiler rows),
 device (auto|cuda|cpu; the CPU only checks the script), and the layout keys of bench_unet.py.
 """
 
 import contextlib
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.bench_unet import make_batch, train_step  # noqa: E402
-from diffusion_model import UNet, UNetConfig  # noqa: E402
-from train_diffusion import parse_overrides, pick_device, run_cli  # noqa: E402
+from benchmarks.bench_unet import make_batch, train_step
+from diffusion_model import UNet, UNetConfig
+from configurator import parse_config, pick_device, run_cli
 
 DEFAULTS = dict(image_size=64, batch_size=256, steps=10, rows=25, device="auto", base_channels=64, channel_mults=(1, 2, 2),
                 num_res_blocks=2, attention_levels=(1, 2), n_heads=4, context_dim=384)
@@ -35,25 +33,25 @@ VARIANTS = [  # name, channels_last, cudnn.benchmark, fp32 (TF32) without autoca
 
 
 def main(argv):
-    C = parse_overrides(argv, DEFAULTS)
-    device = pick_device(C["device"])
+    C, _ = parse_config(argv, DEFAULTS)
+    device = pick_device(C.device)
     cuda = device.type == "cuda"
-    cfg = UNetConfig(image_size=C["image_size"], base_channels=C["base_channels"], channel_mults=C["channel_mults"],
-                     num_res_blocks=C["num_res_blocks"], attention_levels=C["attention_levels"], n_heads=C["n_heads"],
-                     context_dim=C["context_dim"])
+    cfg = UNetConfig(image_size=C.image_size, base_channels=C.base_channels, channel_mults=C.channel_mults,
+                     num_res_blocks=C.num_res_blocks, attention_levels=C.attention_levels, n_heads=C.n_heads,
+                     context_dim=C.context_dim)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     print(f"{torch.cuda.get_device_name(device) if cuda else 'cpu'} | torch {torch.__version__} | "
-          f"{C['image_size']}px, batch {C['batch_size']}, {C['steps']} timed steps per variant")
+          f"{C.image_size}px, batch {C.batch_size}, {C.steps} timed steps per variant")
 
     def setup(channels_last, fp32):
         torch.manual_seed(0)
         model = UNet(cfg).to(device).train()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        batch = make_batch(cfg, C["batch_size"], 16, device, channels_last=channels_last)
+        batch = make_batch(cfg, C.batch_size, 16, device, channels_last=channels_last)
         autocast = contextlib.nullcontext() if fp32 or not cuda else torch.autocast("cuda", dtype=torch.bfloat16)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4), batch, autocast
 
@@ -64,11 +62,11 @@ def main(argv):
             train_step("ours", model, opt, batch, autocast)
         sync()
         t0 = time.perf_counter()
-        for _ in range(C["steps"]):
+        for _ in range(C.steps):
             train_step("ours", model, opt, batch, autocast)
         sync()
-        ms = (time.perf_counter() - t0) / C["steps"] * 1e3
-        print(f"{name}: {ms:.1f} ms/step, {C['batch_size'] / ms * 1e3:.0f} img/s", flush=True)
+        ms = (time.perf_counter() - t0) / C.steps * 1e3
+        print(f"{name}: {ms:.1f} ms/step, {C.batch_size / ms * 1e3:.0f} img/s", flush=True)
         del model, opt, batch
 
     torch.backends.cudnn.benchmark = False
@@ -85,7 +83,7 @@ def main(argv):
         sync()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(f"\nbaseline, 3 steps under torch.profiler, ops by {sort}:")
-    print(prof.key_averages().table(sort_by=sort, row_limit=C["rows"], max_name_column_width=60))
+    print(prof.key_averages().table(sort_by=sort, row_limit=C.rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":

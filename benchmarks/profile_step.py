@@ -1,23 +1,24 @@
 """
 How much of the training loop's time is not the model? Runs a short `shapes` training run of
-train_diffusion.main() in this process under cProfile and splits the loop's time into the U-Net's
+train_diffusion.main() in this process under cProfile and splits the loop's time (in train()) into the U-Net's
 forward, the backward pass, the optimizer, and everything else (batch assembly, caption dropout,
 EMA update, logging, the loop's own Python). Goal: everything else < 5% of the loop.
 
-    python benchmarks/profile_step.py                                             # 60 steps, default model
-    python benchmarks/profile_step.py --max_steps=100 --extra="--base_channels=32 --num_res_blocks=1 --batch_size=32"
-    python benchmarks/profile_step.py --load_stats=step.prof                      # re-read a profile saved with --save_stats
+    python -m benchmarks.profile_step                                             # 60 steps, default model
+    python -m benchmarks.profile_step --max_steps=100 --extra="--base_channels=32 --num_res_blocks=1 --batch_size=32"
+    python -m benchmarks.profile_step --load_stats=step.prof                      # re-read a profile saved with --save_stats
 
 The run: --dataset=shapes --text_encoder=minilm --wandb_mode=disabled, eval/sample/checkpoint
 intervals past max_steps (so evaluation runs only at step 0 and at the end, samples and the
 checkpoint only at the end), written to a temporary out_dir that is deleted afterwards (unless
 --extra names an --out_dir); --extra is passed on to train_diffusion.py after these.
 
-The arithmetic, all from cProfile's cumulative times of calls made directly by main():
-- loop time = main's total minus its calls to the setup and end-of-run work listed in SETUP_AND_END
+The arithmetic, all from cProfile's cumulative times of calls made directly by train(), the function that
+holds the loop:
+- loop time = train's total minus its calls to the setup and end-of-run work listed in SETUP_AND_END
   below (data set, text encoder and caption embeddings, model/EMA/optimizer construction,
-  evaluation, samples, checkpoint, W&B). main's own Python lines count as loop time.
-- forward = diffusion_loss (q_sample + U-Net forward + MSE) as called by main (validation calls it
+  evaluation, samples, checkpoint, W&B). train's own Python lines count as loop time.
+- forward = diffusion_loss (q_sample + U-Net forward + MSE) as called by train (validation calls it
   too, from validation_loss, and those are not counted); backward = torch.Tensor.backward;
   optimizer = optimizer.step + zero_grad + clip_grad_norm_ (clipping counts as optimizer).
 - outside = loop - forward - backward - optimizer; the biggest contributors are listed.
@@ -40,49 +41,32 @@ import tempfile
 import time
 
 os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # before torch initialises CUDA
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train_diffusion  # noqa: E402
-from train_diffusion import UserError, parse_overrides, run_cli  # noqa: E402
+import train_diffusion
+from configurator import UserError, parse_config, run_cli
 
 DEFAULTS = dict(max_steps=60, extra="", save_stats="", load_stats="", top=8)
 
-# main()'s direct calls that are setup or end-of-run work, as (file, function) of the profile.
+# train()'s direct calls that are setup or end-of-run work, as (file, function) of the profile.
 SETUP_AND_END = {
-    ("train_diffusion.py", "parse_overrides"): "config",
-    ("train_diffusion.py", "setup_device"): "device setup",
-    ("train_diffusion.py", "resolve_text_encoder"): "config",
-    ("train_diffusion.py", "hub_reachable"): "config",
-    ("train_diffusion.py", "load_image_dataset"): "data set",
-    ("train_diffusion.py", "__init__"): "text encoder (TextEncoder.__init__)",
-    ("train_diffusion.py", "count_truncated"): "text encoder",
-    ("train_diffusion.py", "encode_captions"): "caption embeddings",
-    ("train_diffusion.py", "embed_prompts"): "caption embeddings",
-    ("diffusion_model.py", "__init__"): "model construction (UNetConfig, UNet x2, NoiseScheduler)",
-    ("module.py", "to"): "model construction (.to(device))",
-    ("module.py", "load_state_dict"): "model construction (EMA copy)",
-    ("module.py", "requires_grad_"): "model construction",
-    ("adamw.py", "__init__"): "model construction (AdamW)",
+    ("train_diffusion.py", "load_data"): "data set, text encoder and caption embeddings",
+    ("train_diffusion.py", "build_training"): "model construction (UNet x2, AdamW, NoiseScheduler)",
     ("train_diffusion.py", "start_wandb"): "W&B",
-    ("module.py", "state_dict"): "model construction (EMA copy)",
+    ("train_diffusion.py", "evaluate"): "evaluation (validation loss, shapes adherence)",
+    ("train_diffusion.py", "checkpoint_state"): "checkpoint (state dicts)",
+    ("checkpoints.py", "save_checkpoint"): "checkpoint (written atomically)",
+    ("train_diffusion.py", "write_log"): "evaluation",
+    ("module.py", "parameters"): "model construction",
     ("module.py", "train"): "model construction",
-    ("module.py", "eval"): "model construction",
-    ("random.py", "manual_seed"): "config",
-    ("dataclasses.py", "replace"): "config",
-    # validation_loss, shapes_adherence and sample are @torch.no_grad() functions: main calls them
-    # through no_grad's wrapper, which the profile shows in their place
-    ("_contextlib.py", "decorate_context"): "evaluation and samples (validation_loss, shapes_adherence, sample)",
-    ("train_diffusion.py", "validation_loss"): "evaluation",
-    ("train_diffusion.py", "shapes_adherence"): "evaluation",
-    ("shapes.py", "eval_prompts"): "evaluation",
+    # sample is a @torch.no_grad() function: train calls it through no_grad's wrapper
+    ("_contextlib.py", "decorate_context"): "samples (sample)",
     ("diffusion_model.py", "sample"): "samples",
-    ("train_diffusion.py", "save_grid"): "samples",
-    ("train_diffusion.py", "checkpoint"): "checkpoint (main's closure: state dicts + save_checkpoint)",
+    ("image_data.py", "save_grid"): "samples",
     ("asyncio.py", "__init__"): "progress bar (tqdm)",
     ("std.py", "write"): "progress bar (tqdm.write of the evaluation lines)",
     ("std.py", "close"): "progress bar (tqdm)",
 }
-# main()'s direct calls that are the model's work in the loop.
+# train()'s direct calls that are the model's work in the loop.
 MODEL = {
     ("diffusion_model.py", "diffusion_loss"): "forward",
     ("_tensor.py", "backward"): "backward",
@@ -105,13 +89,13 @@ def label(func):
 
 
 def analyse(stats, top):
-    main_keys = [f for f in stats.stats if os.path.basename(f[0]) == "train_diffusion.py" and f[2] == "main"]
+    main_keys = [f for f in stats.stats if os.path.basename(f[0]) == "train_diffusion.py" and f[2] == "train"]
     if len(main_keys) != 1:
-        raise UserError(f"the profile has {len(main_keys)} entries for train_diffusion.main (expected 1)")
+        raise UserError(f"the profile has {len(main_keys)} entries for train_diffusion.train (expected 1)")
     main_key = main_keys[0]
     main_total = stats.stats[main_key][3]
     main_own = stats.stats[main_key][2]
-    # cumulative time of each function, counting only the calls main() makes itself
+    # cumulative time of each function, counting only the calls train() makes itself
     direct = {func: entry[4][main_key][3] for func, entry in stats.stats.items() if main_key in entry[4]}
 
     setup = {}
@@ -126,11 +110,11 @@ def analyse(stats, top):
             other[label(func)] = seconds
     for what, seconds in model.items():
         if seconds == 0.0:
-            raise UserError(f"no {what} time found among main()'s calls: train_diffusion.py or torch changed, update MODEL")
+            raise UserError(f"no {what} time found among train()'s calls: train_diffusion.py or torch changed, update MODEL")
 
     loop = main_total - sum(setup.values())
     outside = loop - sum(model.values())
-    print(f"main(): {main_total:.2f}s in all; subtracted as setup and end-of-run work ({sum(setup.values()):.2f}s):")
+    print(f"train(): {main_total:.2f}s in all; subtracted as setup and end-of-run work ({sum(setup.values()):.2f}s):")
     for name, seconds in sorted(setup.items(), key=lambda kv: -kv[1]):
         print(f"    {seconds:8.3f}s  {name}")
     print(f"\nloop time {loop:.2f}s")
@@ -139,7 +123,7 @@ def analyse(stats, top):
     for what, seconds in model.items():
         print(f"| {what} | {seconds:.3f} | {seconds / loop:.1%} |")
     print(f"| outside forward/backward/optimizer | {outside:.3f} | {outside / loop:.1%} |")
-    print(f"\nbiggest parts of 'outside' (main's own lines: {main_own:.3f}s = {main_own / loop:.1%}):")
+    print(f"\nbiggest parts of 'outside' (train's own lines: {main_own:.3f}s = {main_own / loop:.1%}):")
     for name, seconds in sorted(other.items(), key=lambda kv: -kv[1])[:top]:
         print(f"    {seconds:8.3f}s  {seconds / loop:6.1%}  {name}")
     verdict = "meets" if outside / loop < 0.05 else "MISSES"
@@ -148,17 +132,17 @@ def analyse(stats, top):
 
 
 def main(argv):
-    C = parse_overrides(argv, DEFAULTS)
-    if C["load_stats"]:
-        return analyse(pstats.Stats(C["load_stats"]), C["top"])
-    if C["max_steps"] < 1:
+    C, _ = parse_config(argv, DEFAULTS)
+    if C.load_stats:
+        return analyse(pstats.Stats(C.load_stats), C.top)
+    if C.max_steps < 1:
         raise UserError("--max_steps must be >= 1")
-    extra = shlex.split(C["extra"])
+    extra = shlex.split(C.extra)
     if any(a.startswith("--max_steps=") for a in extra):
         raise UserError("pass --max_steps to this script, not in --extra (it also sets the eval/sample/checkpoint intervals)")
     keep_out_dir = any(a.startswith("--out_dir=") for a in extra)
     out_dir = None if keep_out_dir else tempfile.mkdtemp(prefix="profile_step_")
-    n = C["max_steps"]
+    n = C.max_steps
     args = ["--dataset=shapes", "--text_encoder=minilm", "--wandb_mode=disabled", f"--max_steps={n}",
             f"--eval_interval={n + 1}", f"--sample_interval={n + 1}", f"--ckpt_interval={n + 1}"]
     args += [] if keep_out_dir else [f"--out_dir={out_dir}"]
@@ -172,10 +156,10 @@ def main(argv):
         if out_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
     print(f"profiled run: {time.time() - t0:.1f}s wall")
-    if C["save_stats"]:
-        profiler.dump_stats(C["save_stats"])
-        print(f"wrote {C['save_stats']} (python -m pstats {C['save_stats']}, or --load_stats= to re-read it)")
-    return analyse(pstats.Stats(profiler), C["top"])
+    if C.save_stats:
+        profiler.dump_stats(C.save_stats)
+        print(f"wrote {C.save_stats} (python -m pstats {C.save_stats}, or --load_stats= to re-read it)")
+    return analyse(pstats.Stats(profiler), C.top)
 
 
 if __name__ == "__main__":

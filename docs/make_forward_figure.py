@@ -2,19 +2,17 @@
 Make docs/forward_process.png: q(x_t | x_0) of the cosine schedule at several t, for a few
 images of the shapes dataset, with the repo's own NoiseScheduler.
 
-    python docs/make_forward_figure.py
+    python -m docs.make_forward_figure
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-import shapes  # noqa: E402
-from diffusion_model import NoiseScheduler  # noqa: E402
-from train_diffusion import save_grid  # noqa: E402
+import shapes
+from diffusion_model import NoiseScheduler
+from image_data import save_grid
 
 TIMESTEPS = [0, 50, 150, 300, 500, 700, 850, 999]
 

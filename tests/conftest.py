@@ -1,14 +1,80 @@
-"""Tests never touch the network: the Hub is offline, W&B writes local runs."""
+"""Shared fixtures. Tests never touch the network: the Hub is offline, W&B writes local runs.
+The repository root is on the import path through pytest.ini (pythonpath = .)."""
 
+import json
 import os
+import signal
+import subprocess
 import sys
+
+import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# A tiny offline run: shapes, packaged MiniLM, 16 px, 256 images, a 2-level U-Net of base 32.
+TINY = ["--dataset=shapes", "--text_encoder=minilm", "--shapes_num_images=256", "--image_size=16", "--base_channels=32",
+        "--channel_mults=1,2", "--num_res_blocks=1", "--attention_levels=1", "--n_heads=2", "--batch_size=16",
+        "--wandb_mode=disabled", "--sample_steps=3", "--eval_images=32", "--warmup_steps=5", "--lr=1e-3"]
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains a model from scratch for minutes (deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def root():
+    """The repository's root folder (scripts run from there)."""
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """Arguments of a tiny offline training run; add --max_steps and --out_dir."""
+    return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def small(tiny):
+    """small(**over): the tiny run with 64 images, batch 4, a log line every step and no
+    evaluation after step 0, any key overridden, as --key=value arguments."""
+    def make(**over):
+        cfg = dict(a[2:].split("=", 1) for a in tiny)
+        cfg.update(shapes_num_images=64, batch_size=4, log_interval=1, eval_interval=1000, sample_interval=1000)
+        cfg.update(over)
+        return [f"--{k}={v}" for k, v in cfg.items()]
+    return make
+
+
+@pytest.fixture(scope="session")
+def read_log():
+    """read_log(run_dir): the run's log.jsonl as a list of dicts."""
+    def read(run_dir):
+        with open(os.path.join(run_dir, "log.jsonl")) as f:
+            return [json.loads(line) for line in f]
+    return read
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """run_script(args, timeout): run `python <args>` from the root, offline, and capture its output."""
+    def run(args, timeout=300, **kw):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+        return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    return run
+
+
+@pytest.fixture(scope="session")
+def train_in_process():
+    """train_in_process(argv): train_diffusion.main in this process, pytest's signal handlers kept."""
+    import train_diffusion
+
+    def train(argv):
+        saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        try:
+            return train_diffusion.main(argv)
+        finally:
+            signal.signal(signal.SIGINT, saved[0])
+            signal.signal(signal.SIGTERM, saved[1])
+    return train

@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 
+import checkpoints
 import shapes
+import text_encoders
 import train_diffusion as td
 
 
@@ -21,14 +23,14 @@ TEST_STEPS = 2000  # the README recipe runs 3000; color is learned by about 1500
 @pytest.mark.slow
 def test_trained_model_follows_color_and_cfg_beats_no_guidance(tmp_path):
     run_dir = td.main(RECIPE + [f"--max_steps={TEST_STEPS}", f"--out_dir={tmp_path}"])
-    ckpt = td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
-    model = td.build_model(ckpt, "ema").eval()
-    scheduler = td.build_scheduler(ckpt)
+    ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    model = checkpoints.build_model(ckpt, "ema").eval()
+    scheduler = checkpoints.build_scheduler(ckpt)
     prompts = shapes.eval_prompts()
-    cond, uncond = td.embed_prompts(td.TextEncoder("minilm"), [p["caption"] for p in prompts], torch.device("cpu"))
+    cond, uncond = text_encoders.embed_prompts(text_encoders.TextEncoder("minilm"), [p["caption"] for p in prompts], torch.device("cpu"))
     color = {0.0: 0.0, 3.0: 0.0}
     for seed in (0, 1):  # two seeds x 27 prompts (seen and held-out pairs)
-        res = td.shapes_adherence(model, scheduler, prompts, cond, uncond, (0.0, 3.0), steps=25, seed=seed)
+        res = shapes.sample_adherence(model, scheduler, prompts, cond, uncond, (0.0, 3.0), steps=25, seed=seed)
         for w in color:
             n_seen, n_held = sum(not p["held_out"] for p in prompts), sum(p["held_out"] for p in prompts)
             color[w] += (res[w]["seen"]["color"] * n_seen + res[w]["held_out"]["color"] * n_held) / len(prompts) / 2

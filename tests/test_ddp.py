@@ -7,28 +7,34 @@ import sys
 
 import pytest
 
+import checkpoints
 import train_diffusion as td
-from test_train import ROOT, TINY, read_log
 
-DDP_ARGS = [a for a in TINY if not a.startswith("--batch_size")] + [
-    "--max_steps=12", "--log_interval=1", "--eval_interval=1000", "--sample_interval=1000", "--ckpt_interval=6"]
+@pytest.fixture(scope="session")
+def ddp_args(tiny):
+    return [a for a in tiny if not a.startswith("--batch_size")] + [
+        "--max_steps=12", "--log_interval=1", "--eval_interval=1000", "--sample_interval=1000", "--ckpt_interval=6"]
 
 
-def torchrun(args, nproc=2, timeout=400):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_diffusion.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def torchrun(root):
+    """torchrun(args, nproc): train_diffusion.py under torch.distributed.run on nproc CPU processes (gloo)."""
+    def run(args, nproc=2, timeout=400):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_diffusion.py", *args]
+        return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    return run
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
+def ddp_run(tmp_path_factory, torchrun, ddp_args):
     out = tmp_path_factory.mktemp("ddp")
-    r = torchrun(DDP_ARGS + ["--batch_size=8", "--wandb_mode=offline", f"--out_dir={out}"])
+    r = torchrun(ddp_args + ["--batch_size=8", "--wandb_mode=offline", f"--out_dir={out}"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return out, r
 
 
-def test_ddp_run_finishes_with_identical_replicas_and_one_writer(ddp_run):
+def test_ddp_run_finishes_with_identical_replicas_and_one_writer(read_log, ddp_run):
     out, r = ddp_run
     assert "distributed: 2 ranks, global batch 16" in r.stdout
     assert "all 2 ranks hold identical weights" in r.stdout
@@ -40,27 +46,27 @@ def test_ddp_run_finishes_with_identical_replicas_and_one_writer(ddp_run):
     assert steps == list(range(1, 13))  # each step logged once, not once per rank
 
 
-def test_ddp_loss_matches_one_process_with_the_same_global_batch(ddp_run, tmp_path):
+def test_ddp_loss_matches_one_process_with_the_same_global_batch(read_log, ddp_run, ddp_args, tmp_path):
     out, _ = ddp_run
     ddp = {r["step"]: r["train/loss"] for r in read_log(glob.glob(str(out / "*"))[0]) if "train/loss" in r}
-    single_dir = td.main(DDP_ARGS + ["--batch_size=16", "--wandb_mode=disabled", f"--out_dir={tmp_path}"])
+    single_dir = td.main(ddp_args + ["--batch_size=16", "--wandb_mode=disabled", f"--out_dir={tmp_path}"])
     single = {r["step"]: r["train/loss"] for r in read_log(single_dir) if "train/loss" in r}
     assert single.keys() == ddp.keys()
     for k in single:
         assert abs(single[k] - ddp[k]) < 1e-3 * max(1.0, single[k]), (k, single[k], ddp[k])
 
 
-def test_ddp_checkpoint_resumes_under_torchrun_and_samples_unchanged(ddp_run, tmp_path):
+def test_ddp_checkpoint_resumes_under_torchrun_and_samples_unchanged(root, ddp_run, ddp_args, torchrun, tmp_path):
     out, _ = ddp_run
     (run_dir,) = glob.glob(str(out / "*"))
-    ckpt = td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     assert not any(k.startswith("module.") for k in ckpt["model"])  # loads into a plain U-Net
-    td.build_model(ckpt)
-    r = torchrun(DDP_ARGS + ["--batch_size=8", "--wandb_mode=disabled", "--max_steps=14", "--resume=auto", f"--out_dir={out}"])
+    checkpoints.build_model(ckpt)
+    r = torchrun(ddp_args + ["--batch_size=8", "--wandb_mode=disabled", "--max_steps=14", "--resume=auto", f"--out_dir={out}"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["step"] == 14
+    assert checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["step"] == 14
     s = subprocess.run([sys.executable, "sample_diffusion.py", f"--checkpoint={run_dir}", "--sampler=ddim", "--steps=2",
-                        "--num_images=1", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        "--num_images=1", f"--out_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert s.returncode == 0, s.stderr[-2000:]
     assert os.path.isfile(tmp_path / "generated_image_pokemon_cfg.png")

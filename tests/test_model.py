@@ -2,15 +2,13 @@
 another way (closed forms, separate forward passes, a second run)."""
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffusion_model import (CrossAttention, NoiseScheduler, ResnetBlock, SpatialTransformer, UNet, UNetConfig,  # noqa: E402
-                             ddim_step, ddim_timesteps, diffusion_loss, guided_eps, sample, timestep_embedding)
+from diffusion_model import (CrossAttention, NoiseScheduler, ResnetBlock, SpatialTransformer, UNet, UNetConfig,
+                             ddim_step, ddim_timesteps, diffusion_loss, guided_output, position_embedding_2d, sample,
+                             timestep_embedding)
 
 TINY = dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), n_heads=2, context_dim=16)
 
@@ -105,6 +103,65 @@ def test_q_sample_at_t0_is_x0_and_predict_x0_inverts_it():
     assert torch.allclose(sch.predict_eps(x_t, t, x0), noise, atol=1e-3)
 
 
+def test_v_target_and_its_inverse_round_trip():
+    """v = sqrt(abar) eps - sqrt(1 - abar) x_0; x_0 and eps recovered from (x_t, v) at every t,
+    including t = T-1 where abar = 2.4e-9 and x_0 from eps would be hopeless."""
+    sch = NoiseScheduler(1000, prediction_type="v")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(5, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 400, 998, 999])
+    x_t = sch.q_sample(x0, t, eps)
+    v = sch.target(x0, t, eps)
+    abar = sch.alphas_cumprod[t][:, None, None, None]
+    assert torch.allclose(v, abar.sqrt() * eps - (1 - abar).sqrt() * x0, atol=1e-12)
+    x0_hat, eps_hat = sch.predict_x0_eps(x_t, t, v)
+    assert torch.allclose(x0_hat, x0, atol=1e-9) and torch.allclose(eps_hat, eps, atol=1e-9)
+    # and eps -> x_0 agrees with it wherever abar is not tiny
+    x0_from_eps, _ = NoiseScheduler(1000).predict_x0_eps(x_t[:4], t[:4], eps[:4])
+    assert torch.allclose(x0_from_eps, x0[:4], atol=1e-6)
+    assert torch.equal(NoiseScheduler(1000).target(x0, t, eps), eps)
+    with pytest.raises(ValueError, match="prediction_type"):
+        NoiseScheduler(10, prediction_type="x0")
+
+
+def test_ddim_eta1_all_steps_is_the_ddpm_posterior_for_v_prediction():
+    """The samplers take x_0 from the v output, then run unchanged: one DDIM step with eta = 1
+    from t to t-1 is DDPM's posterior step, given the same x_0."""
+    sch = NoiseScheduler(1000, prediction_type="v")
+    g = torch.Generator().manual_seed(4)
+    for t in (999, 600, 20, 1):
+        x_t = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+        v = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+        tt = torch.full((2,), t)
+        x0 = sch.predict_x0_eps(x_t, tt, v)[0].clamp(-1, 1)
+        _, mean, var = ddim_step(sch, x_t, t, t - 1, x0, eta=1.0, noise=torch.zeros_like(x_t))
+        post_mean, post_var = sch.q_posterior(x0, x_t, tt)
+        assert torch.allclose(mean, post_mean, atol=1e-9), t
+        assert torch.allclose(var, post_var[0].flatten()[0], rtol=1e-9), t
+
+
+def test_min_snr_weighting_is_the_clipped_snr_loss_on_x0():
+    """Min-SNR-gamma: the weighted eps or v loss equals min(SNR_t, gamma) * ||x_0 - x0_hat||^2 / (B*C*H*W)
+    averaged over images, for the same network output, computed through x0_hat instead."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 3, 4, 4, generator=g) * 2 - 1
+    noise = torch.randn(6, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 3, 50, 300, 700, 990])
+    out = torch.randn(6, 3, 4, 4, generator=g)
+    model = lambda x, t, c, m: out  # a fixed prediction, whatever the input
+    for kind in ("eps", "v"):
+        sch = NoiseScheduler(1000, prediction_type=kind)
+        x_t = sch.q_sample(x0, t, noise)
+        x0_hat = sch.predict_x0_eps(x_t.double(), t, out.double())[0]
+        snr = sch.alphas_cumprod[t] / (1 - sch.alphas_cumprod[t])
+        expected = (snr.clamp(max=5.0) * (x0.double() - x0_hat).pow(2).mean(dim=(1, 2, 3))).mean()
+        got = diffusion_loss(model, sch, x0, None, None, t, noise, min_snr_gamma=5.0)
+        assert torch.allclose(got.double(), expected, rtol=1e-4), kind
+        plain = diffusion_loss(model, sch, x0, None, None, t, noise)
+        assert torch.allclose(plain, (out - sch.target(x0, t, noise)).pow(2).mean())
+
+
 def test_posterior_matches_closed_form_at_random_t():
     sch = NoiseScheduler(1000)
     g = torch.Generator().manual_seed(0)
@@ -119,6 +176,50 @@ def test_posterior_matches_closed_form_at_random_t():
         exp_var = (1 - a_prev) / (1 - a_t) * beta
         assert torch.allclose(mean[i].double(), exp_mean, rtol=1e-4, atol=1e-5)
         assert torch.allclose(var[i].double().flatten()[0], exp_var, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def test_position_embedding_is_row_then_column_sinusoids():
+    pe = position_embedding_2d(3, 4, 8)  # (12, 8), row-major tokens
+    assert pe.shape == (12, 8)
+    for i in range(3):
+        for j in range(4):
+            expected = torch.cat([timestep_embedding(torch.tensor([i]), 4)[0], timestep_embedding(torch.tensor([j]), 4)[0]])
+            assert torch.allclose(pe[i * 4 + j], expected)
+    assert len({tuple(row.tolist()) for row in pe}) == 12, "every pixel gets its own position"
+
+
+def test_positions_break_the_translation_symmetry_of_attention():
+    """A SpatialTransformer without positions maps a token's features to the same output wherever
+    it sits (permutation-equivariant); with positions, moving the input changes more than the
+    output's placement."""
+    torch.manual_seed(0)
+    ctx, mask = text(1, 3)
+    for resolution, equivariant in ((None, True), (4, False)):
+        st = SpatialTransformer(32, 2, 16, resolution=resolution)
+        torch.nn.init.normal_(st.proj_out.weight, std=0.1)
+        x = torch.randn(1, 32, 4, 4)
+        shifted = x.roll(1, dims=3)
+        same = torch.allclose(st(shifted, ctx, mask), st(x, ctx, mask).roll(1, dims=3), atol=1e-5)
+        assert same == equivariant, resolution
+
+
+def test_coord_conv_feeds_x_and_y_to_conv_in():
+    model = tiny_unet(coord_conv=True)
+    assert model.conv_in.in_channels == 5
+    x_chan, y_chan = model.coords[0]
+    assert x_chan[0, 0] == -1 and x_chan[0, -1] == 1 and y_chan[0, 0] == -1 and y_chan[-1, 0] == 1
+    ctx, mask = text(2, 4)
+    assert model(torch.randn(2, 3, 16, 16), torch.tensor([3, 4]), ctx, mask).shape == (2, 3, 16, 16)
+
+
+def test_position_options_keep_the_checkpoint_layout_loadable():
+    """pos_embed adds no parameters (a fixed table, not saved); coord_conv widens conv_in only."""
+    plain, pos = tiny_unet(), tiny_unet(pos_embed=True)
+    assert plain.state_dict().keys() == pos.state_dict().keys()
+    pos.load_state_dict(plain.state_dict())
 
 
 # ----------------------------------------------------------------------------- attention
@@ -145,9 +246,9 @@ def test_cfg_scale_one_is_conditional_and_zero_is_unconditional():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
     cond, uncond = text(2, 4, seed=1), text(2, 4, seed=2)
     eps_c, eps_u = model(x, t, *cond), model(x, t, *uncond)
-    assert torch.allclose(guided_eps(model, x, t, cond, uncond, 1.0), eps_c, atol=1e-5)
-    assert torch.allclose(guided_eps(model, x, t, cond, uncond, 0.0), eps_u, atol=1e-5)
-    assert torch.allclose(guided_eps(model, x, t, cond, uncond, 3.0), eps_u + 3 * (eps_c - eps_u), atol=1e-5)
+    assert torch.allclose(guided_output(model, x, t, cond, uncond, 1.0), eps_c, atol=1e-5)
+    assert torch.allclose(guided_output(model, x, t, cond, uncond, 0.0), eps_u, atol=1e-5)
+    assert torch.allclose(guided_output(model, x, t, cond, uncond, 3.0), eps_u + 3 * (eps_c - eps_u), atol=1e-5)
 
 
 def test_cfg_is_one_batched_forward():
@@ -223,10 +324,11 @@ def test_one_loss_reaches_every_parameter():
     assert not dead, f"parameters without gradient: {dead}"
 
 
-def test_samplers_recover_the_single_image_of_a_point_mass():
-    """If the data is one image x*, the exact noise predictor is eps(x_t, t) = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t).
-    With it every sampler, guided or not, must land on x*."""
-    sch = NoiseScheduler(1000)
+@pytest.mark.parametrize("prediction_type", ["eps", "v"])
+def test_samplers_recover_the_single_image_of_a_point_mass(prediction_type):
+    """If the data is one image x*, the exact noise predictor is eps(x_t, t) = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t)
+    (and v = sqrt(abar_t) eps - sqrt(1 - abar_t) x*). With it every sampler, guided or not, must land on x*."""
+    sch = NoiseScheduler(1000, prediction_type)
     target = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     class Oracle(torch.nn.Module):
@@ -234,7 +336,8 @@ def test_samplers_recover_the_single_image_of_a_point_mass():
 
         def forward(self, x, t, context, mask):
             abar = sch.alphas_cumprod[t][:, None, None, None]
-            return (x - abar.sqrt() * target) / (1 - abar).sqrt()
+            eps = (x - abar.sqrt() * target) / (1 - abar).sqrt()
+            return eps if prediction_type == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * target
 
     cond = (torch.zeros(2, 1, 4), torch.ones(2, 1, dtype=torch.bool))
     for kw in (dict(sampler="ddpm"), dict(sampler="ddim", steps=25), dict(sampler="ddim", steps=10, eta=1.0)):

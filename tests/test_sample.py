@@ -6,15 +6,15 @@ import os
 import pytest
 import torch
 
+import configurator
 import sample_diffusion as sd
 import train_diffusion as td
-from test_train import TINY, run_script
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
-    return td.main(TINY + ["--max_steps=10", "--eval_interval=1000", f"--out_dir={out}"])
+    return td.main(tiny + ["--max_steps=10", "--eval_interval=1000", f"--out_dir={out}"])
 
 
 def sha(path):
@@ -61,21 +61,21 @@ def test_empty_prompt_is_unconditional_and_long_prompt_warns(run_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--sampler=euler"], "unknown sampler 'euler'"),
-    (["--guidance_scale=-1"], "guidance_scale -1.0 must be a finite number >= 0"),
-    (["--sampler=ddim", "--steps=0"], "steps 0 is out of range: DDIM takes at least 1 step"),
-    (["--sampler=ddim", "--steps=1001"], "steps 1001 is out of range"),
+    (["--sampler=euler"], "--sampler=euler is out of range: use one of ddpm, ddim"),
+    (["--guidance_scale=-1"], "--guidance_scale=-1.0 is out of range: use a finite number in [0, 100]"),
+    (["--sampler=ddim", "--steps=0"], "--steps=0 is out of range"),
+    (["--sampler=ddim", "--steps=1001"], "--steps=1001 is out of range: DDIM takes 1 to 1000 steps"),
     (["--seed=x"], "--seed=x: expected an integer"),
 ])
 def test_bad_settings_are_one_line_errors(run_dir, tmp_path, capsys, args, expected):
     with pytest.raises(SystemExit) as e:
-        td.run_cli(sd.main, [f"--checkpoint={run_dir}", f"--out_dir={tmp_path}", *args])
+        configurator.run_cli(sd.main, [f"--checkpoint={run_dir}", f"--out_dir={tmp_path}", *args])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
 
 
-def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
+def test_bad_checkpoints_are_one_line_errors(run_script, run_dir, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(4096))
     other = tmp_path / "other.pt"
@@ -94,7 +94,7 @@ def test_bench_sampling_runs_ddim_at_each_eta_and_ddpm_once(run_dir):
     import benchmarks.bench_sampling as bs
 
     assert bs.parse_samplers("ddpm,ddim5", 1000, (0.0, 1.0)) == [("ddpm", 1000, 1.0), ("ddim", 5, 0.0), ("ddim", 5, 1.0)]
-    with pytest.raises(td.UserError, match="ddim0"):
+    with pytest.raises(configurator.UserError, match="ddim0"):
         bs.parse_samplers("ddim0", 1000)
     rows = bs.main([f"--checkpoint={run_dir}", "--samplers=ddim2", "--etas=0,1", "--guidance=1", "--device=cpu"])
     assert [(r["sampler"], r["steps"], r["eta"], r["w"]) for r in rows] == [("ddim", 2, 0.0, 1.0), ("ddim", 2, 1.0, 1.0)]

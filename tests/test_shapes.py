@@ -3,14 +3,11 @@ respected, captions are faithful, and the judge reads the dataset's own images
 back (almost) perfectly."""
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import shapes  # noqa: E402
+import shapes
 
 ATTRS = ("color", "shape", "size", "position")
 

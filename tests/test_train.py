@@ -10,44 +10,31 @@ import time
 
 import torch
 
+import checkpoints
+import image_data
+import text_encoders
 import train_diffusion as td
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset=shapes", "--text_encoder=minilm", "--shapes_num_images=256", "--image_size=16", "--base_channels=32",
-        "--channel_mults=1,2", "--num_res_blocks=1", "--attention_levels=1", "--n_heads=2", "--batch_size=16",
-        "--wandb_mode=disabled", "--sample_steps=3", "--eval_images=32", "--warmup_steps=5", "--lr=1e-3"]
-
-
-def read_log(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def run_script(args, timeout=300, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def test_tiny_shapes_run_learns(tmp_path):
-    run_dir = td.main(TINY + ["--max_steps=60", "--eval_interval=30", "--ckpt_interval=30", f"--out_dir={tmp_path}"])
+def test_tiny_shapes_run_learns(read_log, tiny, tmp_path):
+    run_dir = td.main(tiny + ["--max_steps=60", "--eval_interval=30", "--ckpt_interval=30", f"--out_dir={tmp_path}"])
     vals = [r["val/loss"] for r in read_log(run_dir) if "val/loss" in r]
     assert len(vals) == 3  # steps 0, 30, 60
     assert vals[-1] < 0.6 * vals[0], vals
-    ckpt = td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     assert ckpt["step"] == 60 and ckpt["dataset"] == "shapes" and ckpt["text_encoder"] == "minilm"
     assert ckpt["model_args"]["context_dim"] == 384 and ckpt["model_args"]["image_size"] == 16
-    assert {"model", "ema", "optimizer", "rng", "lr_schedule", "config"} <= set(ckpt)
+    assert {"model", "ema", "optimizer", "rng", "config", "prediction_type"} <= set(ckpt) and "lr_schedule" not in ckpt
     assert os.path.isfile(os.path.join(run_dir, "samples_0000060.png"))
     # the EMA has moved away from the initial weights but is not the raw model
     assert not torch.equal(ckpt["ema"]["conv_out.weight"], ckpt["model"]["conv_out.weight"])
 
 
-def test_auto_falls_back_offline_with_banner(tmp_path, capsys):
-    args = [a for a in TINY if not a.startswith(("--dataset", "--text_encoder"))]
-    run_dir = td.main(args + ["--max_steps=0", f"--out_dir={tmp_path}"])
+def test_auto_falls_back_offline_with_banner(tiny, tmp_path, capsys):
+    args = [a for a in tiny if not a.startswith(("--dataset", "--text_encoder"))] + ["--dataset=auto", "--text_encoder=auto"]
+    run_dir = td.main(args + ["--max_steps=1", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert "Hugging Face Hub cannot be reached" in err and "--dataset=shapes" in err
-    ckpt = td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     assert ckpt["dataset"] == "shapes" and ckpt["text_encoder"] == "minilm"
 
 
@@ -60,14 +47,14 @@ def test_caption_embeddings_are_computed_once_per_distinct_caption():
         return torch.arange(len(captions) * L * 3, dtype=torch.float).view(len(captions), L, 3), torch.ones(len(captions), L, dtype=torch.bool)
 
     captions = ["a red circle", "a blue square", "a red circle", "", "a blue square", "a red circle"]
-    table, mask, rows = td.encode_captions(fake_encoder, captions, batch=2)
+    table, mask, rows = text_encoders.encode_captions(fake_encoder, captions, batch=2)
     assert sorted(seen) == sorted(["", "a red circle", "a blue square"])  # each once, the empty one included
     assert rows[0] == rows[2] == rows[5] and rows[1] == rows[4] and rows[3] == 0  # row 0 is ""
     assert table.shape[:2] == mask.shape and table.shape[0] == 3
 
 
 def test_minilm_gives_token_features_with_mask():
-    enc = td.TextEncoder("minilm")
+    enc = text_encoders.TextEncoder("minilm")
     ctx, mask = enc(["a small red circle in the top left", ""])
     assert ctx.shape[0] == 2 and ctx.shape[2] == 384 and mask.shape == ctx.shape[:2]
     assert mask[0].sum() > mask[1].sum() == 2  # "" is [CLS] [SEP]
@@ -77,11 +64,11 @@ def test_minilm_gives_token_features_with_mask():
 def test_local_folder_encoder_in_fp16_matches_minilm(tmp_path):
     """A folder saved by save_pretrained (here MiniLM halved to fp16, as carried to a GPU machine)
     loads through AutoModel, runs in float32 and gives MiniLM's features up to fp16 rounding."""
-    halved = td.TextEncoder("minilm")
+    halved = text_encoders.TextEncoder("minilm")
     halved.model.half().save_pretrained(tmp_path)
     halved.tokenizer.save_pretrained(tmp_path)
-    ref = td.TextEncoder("minilm")
-    local = td.TextEncoder(str(tmp_path))
+    ref = text_encoders.TextEncoder("minilm")
+    local = text_encoders.TextEncoder(str(tmp_path))
     assert next(local.model.parameters()).dtype == torch.float32 and local.dim == 384
     captions = ["a small red circle in the top left", ""]
     (a, ma), (b, mb) = ref(captions), local(captions)
@@ -90,7 +77,7 @@ def test_local_folder_encoder_in_fp16_matches_minilm(tmp_path):
     assert not torch.equal(a, b)  # it really is the fp16 copy that ran
 
 
-def test_imagefolder_dataset(tmp_path):
+def test_imagefolder_dataset(tiny, tmp_path):
     from PIL import Image
 
     folder = tmp_path / "data"
@@ -102,9 +89,9 @@ def test_imagefolder_dataset(tmp_path):
         img.save(folder / f"{i:02d}.png")
         rows.append({"file_name": f"{i:02d}.png", "text": f"a picture number {i % 5}"})
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    args = [a for a in TINY if not a.startswith(("--dataset", "--batch_size"))]
+    args = [a for a in tiny if not a.startswith(("--dataset", "--batch_size"))]
     run_dir = td.main(args + [f"--dataset={folder}", "--batch_size=4", "--max_steps=3", f"--out_dir={tmp_path / 'out'}"])
-    ckpt = td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     assert ckpt["dataset"] == str(folder) and ckpt["step"] == 3
 
 
@@ -112,11 +99,11 @@ def test_images_become_rgb_squares_on_white():
     from PIL import Image
 
     transparent = Image.new("RGBA", (40, 20), (255, 0, 0, 0))
-    out = td.to_rgb_square(transparent, 16)
+    out = image_data.to_rgb_square(transparent, 16)
     assert out.mode == "RGB" and out.size == (16, 16)
-    assert td.pil_to_uint8(out).min() == 255  # fully transparent -> white
+    assert image_data.pil_to_uint8(out).min() == 255  # fully transparent -> white
     gray16 = Image.new("I;16", (30, 30), 40000)
-    assert td.to_rgb_square(gray16, 8).size == (8, 8)
+    assert image_data.to_rgb_square(gray16, 8).size == (8, 8)
 
 
 def wandb_records(path):
@@ -139,10 +126,10 @@ def wandb_records(path):
             yield pending
 
 
-def test_offline_wandb_run_holds_keys_and_image(tmp_path):
+def test_offline_wandb_run_holds_keys_and_image(tiny, tmp_path):
     from wandb.proto import wandb_internal_pb2
 
-    args = [a for a in TINY if not a.startswith("--wandb_mode")]
+    args = [a for a in tiny if not a.startswith("--wandb_mode")]
     run_dir = td.main(args + ["--wandb_mode=offline", "--max_steps=4", "--log_interval=1", "--sample_interval=4",
                               "--eval_interval=4", f"--out_dir={tmp_path}"])
     (path,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
@@ -163,10 +150,10 @@ def test_offline_wandb_run_holds_keys_and_image(tmp_path):
     assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "files", "media", "images", "samples_*.png"))
 
 
-def test_override_errors_are_one_line_with_exit_code_2():
+def test_override_errors_are_one_line_with_exit_code_2(run_script):
     for args, expected in ((["--nope=1"], "unknown key --nope"), (["--lr=fast"], "--lr=fast: expected a number"),
                            (["--batch_size=1.5"], "expected an integer"), (["lr=1"], "write --key=value"),
-                           (["--device=gpu"], "--device=gpu: use auto, cuda or cpu")):
+                           (["--device=gpu"], "--device=gpu is out of range: use one of auto, cuda, cpu")):
         r = run_script(["train_diffusion.py", *args], timeout=120)
         assert r.returncode == 2, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -174,14 +161,14 @@ def test_override_errors_are_one_line_with_exit_code_2():
     assert "valid keys" in run_script(["train_diffusion.py", "--nope=1"], timeout=120).stderr
 
 
-def test_resume_after_sigint_matches_uninterrupted_run(tmp_path):
-    common = TINY + ["--max_steps=40", "--log_interval=1", "--ckpt_interval=1000", "--eval_interval=1000", "--sample_interval=1000"]
+def test_resume_after_sigint_matches_uninterrupted_run(read_log, root, tiny, tmp_path):
+    common = tiny + ["--max_steps=40", "--log_interval=1", "--ckpt_interval=1000", "--eval_interval=1000", "--sample_interval=1000"]
     ref_dir = td.main(common + [f"--out_dir={tmp_path / 'ref'}"])
     ref = {r["step"]: r["train/loss"] for r in read_log(ref_dir) if "train/loss" in r}
 
     out = tmp_path / "interrupted"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([sys.executable, "train_diffusion.py", *common, f"--out_dir={out}"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "train_diffusion.py", *common, f"--out_dir={out}"], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -193,7 +180,7 @@ def test_resume_after_sigint_matches_uninterrupted_run(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
     (run_dir,) = glob.glob(str(out / "*"))
-    k = td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["step"]
+    k = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["step"]
     assert 8 <= k < 40
 
     td.main(common + [f"--out_dir={out}", "--resume=auto"])

@@ -1,0 +1,214 @@
+"""
+The scripts' configuration, as in nanoGPT: every setting is a module-level global with a default, a
+declared range next to it, config files of plain assignments, and `--key=value` overrides.
+
+    python train_diffusion.py config/shapes_cpu.py --max_steps=1000   # file first, then overrides
+
+Also here, because every script needs them: `UserError` (one line, exit code 2), `run_cli`, the
+device choice and whether the Hugging Face Hub answers.
+"""
+
+import ast
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, no traceback, exit code 2."""
+
+
+def run_cli(main, argv):
+    """Run main(argv); a UserError becomes one line on stderr and exit code 2, no traceback."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# Reading values: from the command line (text) or a config file (Python literals)
+
+KIND = {bool: "true or false", int: "an integer", float: "a number", str: "text", tuple: "integers like 1,2,2"}
+
+
+def _convert(key, text, default):
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, tuple):
+            text = text.strip("()[] ")
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        return text
+    except ValueError:
+        raise UserError(f"--{key}={text}: expected {KIND[type(default)]}") from None
+
+
+def _literal(key, value, default, where):
+    """A config file's value, checked against the default's type (an int is a fine float, a list a tuple)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise UserError(f"{where}: {key} = {value!r}: expected {KIND[type(default)]}")
+    return value
+
+
+def read_config_file(path, defaults):
+    """A config file holds plain assignments `key = literal` (comments welcome) and nothing else:
+    it is parsed, never executed, so it can only set known keys to values of the right type."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist: pass a file such as config/shapes_cpu.py")
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
+    except (SyntaxError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid Python ({e}): write one `key = value` a line") from None
+    values = {}
+    for node in tree.body:
+        where = f"{path} line {node.lineno}"
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise UserError(f"{where}: only `key = value` assignments are allowed in a config file")
+        key = node.targets[0].id
+        if key not in defaults:
+            raise UserError(f"{where}: unknown key {key}; valid keys: {', '.join(defaults)}")
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            raise UserError(f"{where}: {key} must be a literal (a number, text, true/false or a tuple), not an expression") from None
+        values[key] = _literal(key, value, defaults[key], where)
+    return values
+
+
+# -----------------------------------------------------------------------------
+# Declared ranges: "[1, 65536]" and "(0, 1]" are intervals (open at a parenthesis), "1+ of [1, 16]"
+# a tuple of at least one integer in [1, 16], a tuple of strings the choices, "text" any text,
+# "nonempty" any text but "", "bool" true or false.
+
+
+def _interval(spec):
+    lo, hi = (float(v) for v in spec[1:-1].split(","))
+    return lo, hi, spec[0] == "(", spec[-1] == ")"
+
+
+def _in_interval(value, spec):
+    lo, hi, lo_open, hi_open = _interval(spec)
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi))
+
+
+def is_valid(value, spec):
+    """Does `value` lie in the declared range `spec`?"""
+    if isinstance(spec, tuple):
+        return value in spec
+    if spec == "bool":
+        return isinstance(value, bool)
+    if spec in ("text", "nonempty"):
+        return isinstance(value, str) and (spec == "text" or value.strip() != "")
+    if " of " in spec:
+        count, interval = spec.split(" of ")
+        return (isinstance(value, tuple) and len(value) >= int(count.rstrip("+"))
+                and all(_in_interval(v, interval) for v in value))
+    return _in_interval(value, spec)
+
+
+def describe(spec):
+    if isinstance(spec, tuple):
+        return "one of " + ", ".join(spec)
+    if spec == "nonempty":
+        return "non-empty text"
+    if " of " in spec:
+        count, interval = spec.split(" of ")
+        return f"{'at least ' + count.rstrip('+') if count != '0+' else 'any number of'} integers in {interval}, comma-separated"
+    return {"bool": "true or false", "text": "any text"}.get(spec, f"a finite number in {spec}")
+
+
+def check_ranges(config, ranges):
+    for key, value in config.items():
+        if not is_valid(value, ranges[key]):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise UserError(f"--{key}={shown} is out of range: use {describe(ranges[key])}")
+
+
+def parse_config(argv, defaults, ranges=None):
+    """nanoGPT-style configuration. argv: config files (*.py) first, then `--key=value` for any
+    key of `defaults`, converted to the default's type; every value is then checked against its
+    declared range. Returns (C, explicit): a namespace of all settings and the set of keys that a
+    file or the command line set. Without `ranges` (the benchmarks) only the types are checked."""
+    assert ranges is None or ranges.keys() == defaults.keys(), f"keys without a declared range: {set(defaults) ^ set(ranges)}"
+    config, explicit, seen_override = dict(defaults), set(), False
+    for arg in argv:
+        if arg.endswith(".py") and not arg.startswith("--"):
+            if seen_override:
+                raise UserError(f"config file {arg} comes after a --key=value: put config files first")
+            values = read_config_file(arg, defaults)
+            config.update(values)
+            explicit.update(values)
+            continue
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"cannot read argument {arg!r}: write --key=value or give a config file (valid keys: {', '.join(defaults)})")
+        key, text = arg[2:].split("=", 1)
+        if key not in defaults:
+            raise UserError(f"unknown key --{key}; valid keys: {', '.join(defaults)}")
+        config[key] = _convert(key, text, defaults[key])
+        explicit.add(key)
+        seen_override = True
+    if ranges is not None:
+        check_ranges(config, ranges)
+    return SimpleNamespace(**config), explicit
+
+
+# -----------------------------------------------------------------------------
+# Where the scripts run: the device, and whether the Hub answers (decides `auto`)
+
+
+def pick_device(name):
+    """--device=auto|cuda|cpu -> torch.device("cuda") or torch.device("cpu"); auto takes a GPU if one is visible."""
+    if name not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device={name}: use auto, cuda or cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu or --device=auto")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def hub_reachable(timeout=5.0):
+    """Does the Hugging Face Hub answer? HF_HUB_OFFLINE=1 says no without asking."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(endpoint, timeout=timeout)
+        return True
+    except urllib.error.HTTPError:
+        return True  # it answered, even if with an error status
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def offline_banner(what):
+    print("=" * 78, file=sys.stderr)
+    print(f"The Hugging Face Hub cannot be reached: using {what}.", file=sys.stderr)
+    print("Choose explicitly with --dataset=shapes|pokemon|<hub id>|<folder> and", file=sys.stderr)
+    print("--text_encoder=minilm|openai/clip-vit-base-patch32|<path>.", file=sys.stderr)
+    print("=" * 78, file=sys.stderr)

@@ -1,0 +1,166 @@
+"""
+Images in and out: every dataset (a Hugging Face Hub dataset, a local `imagefolder`, the built-in
+shapes) becomes uint8 images (N, 3, S, S) in memory plus one caption each, after checks that name
+the problem in one line; and sample grids go out as PNG files.
+"""
+
+import json
+import os
+import re
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from configurator import UserError
+
+POKEMON_ID = "reach-vb/pokemon-blip-captions"  # a live mirror of lambdalabs/pokemon-blip-captions (gated upstream)
+
+
+def to_rgb_square(img, size):
+    """Any PIL image -> RGB (transparency composited on white), shorter side resized to `size`,
+    center-cropped to size x size."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale down to 8 bits
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        # 16-bit data (0..65535) keeps its brightness: 65535 -> 255, not each image stretched to its own max
+        scale = 255 / 65535 if a.max() <= 65535 else 255 / a.max()
+        img = Image.fromarray((a * scale).round().clip(0, 255).astype("uint8"), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def pil_to_uint8(img):
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+def check_imagefolder(path, caption_column):
+    """Fail early, in one line, on the folder problems `datasets` reports obscurely."""
+    if not os.path.isdir(path):
+        raise UserError(f"dataset folder {path} does not exist: pass --dataset=<folder with images and metadata.jsonl>")
+    meta = os.path.join(path, "metadata.jsonl")
+    if not os.path.isfile(meta):
+        raise UserError(f"{path} has no metadata.jsonl: add one line per image, {{\"file_name\": ..., \"{caption_column}\": ...}}")
+    rows, missing = 0, []
+    with open(meta, "rb") as f:  # bytes: `datasets` fails on invalid UTF-8 deep inside its loader, we name the line
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                # an error, not a silent replacement: a caption with U+FFFD in it would train quietly on garbled text
+                raise UserError(f"{meta} line {line_no} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
+                                f"re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{meta} line {line_no} is not valid JSON: fix or remove that line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or caption_column not in row:
+                raise UserError(f"{meta} line {line_no} lacks 'file_name' or '{caption_column}': "
+                                f"every line needs both (or pass --caption_column=<name>)")
+            if not isinstance(row[caption_column], (str, type(None))):  # `datasets` cannot mix text and numbers in a column
+                raise UserError(f"{meta} line {line_no}: '{caption_column}' is {row[caption_column]!r}, not text: "
+                                f"write a string (\"\" or null for no caption)")
+            rows += 1
+            if not os.path.isfile(os.path.join(path, row["file_name"])):
+                missing.append(row["file_name"])
+    if rows == 0:
+        raise UserError(f"{meta} is empty: the dataset has no captioned images")
+    if missing:
+        raise UserError(f"{meta} names {len(missing)} image(s) that do not exist (first: {missing[0]}): "
+                        f"remove those lines or add the files")
+
+
+def load_image_dataset(C):
+    """Returns (images uint8 (N, 3, S, S), captions, name, flip_ok) for the dataset that config C names."""
+    if C.dataset == "shapes":
+        import shapes
+
+        images, captions, _ = shapes.make_shapes_dataset(C.shapes_num_images, C.image_size, seed=C.seed, captions=C.shapes_captions)
+        return images, captions, "shapes", False  # captions say left and right: never flip
+    import datasets
+
+    name = POKEMON_ID if C.dataset == "pokemon" else C.dataset
+    if os.path.isdir(name) or name.startswith((".", "/", "~")):
+        check_imagefolder(os.path.expanduser(name), C.caption_column)
+        ds = datasets.load_dataset("imagefolder", data_dir=os.path.expanduser(name), split="train")
+    else:
+        try:
+            ds = datasets.load_dataset(name, split="train")
+        except OSError as e:  # no such dataset, or the Hub is offline (ConnectionError): a typo'd folder lands here too
+            raise UserError(f"dataset {name} is not a folder here and could not be loaded from the Hub "
+                            f"({str(e).splitlines()[0][:150]}): pass --dataset=shapes, a folder with metadata.jsonl, "
+                            f"or a reachable Hub dataset id") from None
+    for col in (C.image_column, C.caption_column):
+        if col not in ds.column_names:
+            raise UserError(f"dataset {name} has no column {col!r} (it has {ds.column_names}): "
+                            f"pass --image_column=... and --caption_column=...")
+    ds = ds.cast_column(C.image_column, datasets.Image(decode=False))  # decode ourselves: a bad file is skipped, not fatal
+
+    import io
+    import warnings
+    from PIL import Image
+
+    images, captions, skipped, first_skip = [], [], 0, None
+    for i, row in enumerate(tqdm(ds, desc=f"preprocessing {name}", leave=False)):
+        data = row[C.image_column]
+        try:
+            with warnings.catch_warnings():  # PIL warns above 89 Mpx (and refuses above 179 Mpx); we reject above 64 Mpx below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data["bytes"]) if data.get("bytes") else data["path"])
+            with img:
+                # the header gives the size: check it before decoding, as 100 Mpx would take gigabytes to decode
+                if min(img.size) < 8 or img.width * img.height > 64_000_000:
+                    raise ValueError(f"unusable size {img.width}x{img.height}: 8 px to 64 Mpx are used")
+                img.load()
+                images.append(pil_to_uint8(to_rgb_square(img, C.image_size)))
+        except Exception as e:  # truncated, empty, not an image, absurd size: skip and count
+            skipped += 1
+            if first_skip is None:
+                where = os.path.basename((data or {}).get("path") or f"row {i}")  # Hub rows may hold bytes only, or None
+                first_skip = f"{where}: {' '.join(str(e).split())[:150]}"
+            continue
+        caption = row[C.caption_column]
+        captions.append(caption if isinstance(caption, str) else "")
+    total = len(images) + skipped
+    if skipped:
+        print(f"warning: skipped {skipped} of {total} images that could not be read or have an unusable size "
+              f"(first: {first_skip})", file=sys.stderr)
+    if len(images) < 0.5 * total or not images:
+        raise UserError(f"{name}: {skipped} of {total} images could not be read (first: {first_skip}): check the files")
+    n_empty = sum(c == "" for c in captions)
+    if n_empty:  # legal (that is what caption dropout trains), but usually a sign of the wrong --caption_column
+        print(f"warning: {n_empty} of {len(captions)} captions are empty: those images only train the unconditional model",
+              file=sys.stderr)
+    return torch.stack(images), captions, name, flips_allowed(captions)
+
+
+def flips_allowed(captions):
+    """Pokémon art and most captioned photos read the same mirrored; captions that speak of left
+    and right do not. Whole words only: "bright", "copyright" and "upright" name no side."""
+    side = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+    return not any(side.search(c) for c in captions)
+
+
+def save_grid(images, path, nrow=8):
+    """images in [-1, 1], (B, 3, H, W) -> one PNG."""
+    from torchvision.utils import save_image
+
+    save_image((images.float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
