@@ -63,6 +63,9 @@ def main(argv):
 
     # the encoder the model was trained with, never another: its features are what the model reads
     encoder = TextEncoder(ckpt["text_encoder"], dev)
+    if encoder.dim != model.cfg.context_dim:
+        raise UserError(f"text encoder {ckpt['text_encoder']} gives {encoder.dim}-d tokens but the model was trained on "
+                        f"{model.cfg.context_dim}-d ones: that folder now holds another encoder; restore the one it was trained with")
     prompt = C.condition
     if prompt == "":
         print("note: the empty prompt is the unconditional prompt: both images show the model's prior, guidance changes nothing")
