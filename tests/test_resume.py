@@ -1,0 +1,182 @@
+"""`--resume=auto` continues the run it resumes: its settings, its end, its randomness; a finished
+run stays finished. In process (train_in_process), on tiny shapes runs."""
+
+import hashlib
+import os
+import signal
+import tempfile
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import checkpoints
+import configurator
+import image_data
+import train_diffusion as td
+
+# A custom run: every setting that differs from the CPU recipe must come back from the checkpoint.
+# Dropout makes the step depend on the CPU RNG state, which must be restored too.
+CUSTOM = ["--lr=5e-4", "--min_lr=5e-5", "--batch_size=8", "--dropout=0.1", "--p_uncond=0.2", "--ema_decay=0.99",
+          "--max_steps=16", "--log_interval=1", "--ckpt_interval=1000", "--eval_interval=1000", "--sample_interval=1000"]
+
+
+def stop_at(monkeypatch, k):
+    """Press Ctrl-C (a real SIGINT to this process) during step k - 1: the loop stops at step k."""
+    real = td.stop_requested
+
+    def check(sysinfo, sig, step, every):
+        if step == k - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(sysinfo, sig, step, every)
+
+    monkeypatch.setattr(td, "stop_requested", check)
+
+
+def tree_digest(folder):
+    """Every file's path and bytes, hashed: equal digests mean no byte of the folder changed."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(folder)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, folder).encode())
+            h.update(open(path, "rb").read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, train_in_process, read_log, tmp_path_factory):
+    run_dir = train_in_process(tiny + CUSTOM + [f"--out_dir={tmp_path_factory.mktemp('ref')}"])
+    return run_dir, {r["step"]: r["train/loss"] for r in read_log(run_dir) if "train/loss" in r}
+
+
+def test_bare_resume_reproduces_the_uninterrupted_custom_run(tiny, train_in_process, read_log, uninterrupted, tmp_path,
+                                                             monkeypatch):
+    ref_dir, ref = uninterrupted
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        stop_at(m, 7)
+        with pytest.raises(SystemExit) as e:
+            train_in_process(tiny + CUSTOM + [f"--out_dir={out}"])
+    assert e.value.code == 128 + signal.SIGINT
+    (run_dir,) = [os.path.join(out, d) for d in os.listdir(out)]
+    assert checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["step"] == 7
+
+    train_in_process(["--resume=auto", f"--out_dir={out}"])  # nothing retyped
+    resumed = {r["step"]: r["train/loss"] for r in read_log(run_dir) if "train/loss" in r}
+    assert sorted(resumed) == list(range(1, 17))
+    assert resumed == ref  # the same losses to the last bit: same settings, data, noise and dropout draws
+    a = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    b = checkpoints.load_checkpoint(os.path.join(ref_dir, "ckpt.pt"))
+    assert a["step"] == b["step"] == 16
+    for part in ("model", "ema"):
+        for name in b[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    assert a["config"]["lr"] == 5e-4 and a["config"]["batch_size"] == 8 and "lr_schedule" not in a
+
+
+def test_a_finished_run_is_left_untouched(uninterrupted, train_in_process, tmp_path, capsys):
+    import shutil
+
+    ref_dir, _ = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(ref_dir, out / "run")
+    before = tree_digest(out)
+    assert train_in_process(["--resume=auto", f"--out_dir={out}"]) == str(out / "run")
+    assert tree_digest(out) == before
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "finished at step 16 (max_steps 16); nothing to do" in line and "--max_steps" in line
+
+
+def test_raising_max_steps_continues_and_other_explicit_changes_are_printed(uninterrupted, train_in_process, read_log,
+                                                                           tmp_path, capsys):
+    import shutil
+
+    ref_dir, _ = uninterrupted
+    shutil.copytree(ref_dir, tmp_path / "out" / "run")
+    run_dir = train_in_process(["--resume=auto", f"--out_dir={tmp_path / 'out'}", "--max_steps=20", "--lr=1e-4"])
+    out = capsys.readouterr().out
+    assert "resuming with max_steps 20 instead of 16" in out and "resuming with lr 0.0001 instead of 0.0005" in out
+    ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    assert ckpt["step"] == 20 and ckpt["config"]["lr"] == 1e-4 and ckpt["config"]["batch_size"] == 8
+    logged = [r for r in read_log(run_dir) if "train/lr" in r]
+    assert [r["step"] for r in logged][-4:] == [17, 18, 19, 20]
+    # the cosine stretches to the new end: the lr of step 16 is the stretched schedule's, not min_lr
+    C = SimpleNamespace(**ckpt["config"])
+    assert logged[-4]["train/lr"] == pytest.approx(td.lr_at(16, C)) and td.lr_at(16, C) > C.min_lr
+
+
+def test_identity_keys_cannot_change_on_resume(uninterrupted, train_in_process, tmp_path):
+    import shutil
+
+    ref_dir, _ = uninterrupted
+    shutil.copytree(ref_dir, tmp_path / "out" / "run")
+    with pytest.raises(configurator.UserError, match="--base_channels=64 differs from the resumed run's 32"):
+        train_in_process(["--resume=auto", f"--out_dir={tmp_path / 'out'}", "--base_channels=64", "--max_steps=20"])
+
+
+def test_the_end_test_is_step_at_least_max_steps():
+    # lr_at and the loop agree on the end: a resumed checkpoint past a lowered max_steps ends at once
+    C = SimpleNamespace(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    assert td.lr_at(100, C) == pytest.approx(1e-4) and td.lr_at(150, C) == pytest.approx(1e-4)
+    assert td.lr_at(4, C) == pytest.approx(5e-4)  # warmup: (4 + 1) / 10 of lr
+
+
+# ----------------------------------------------------------------------------- edges
+
+
+@pytest.mark.parametrize("captions, allowed", [
+    (["a bright yellow star", "copyright 1999", "an upright bottle", "rightly so"], True),
+    (["a cat on the left"], False), (["Right: a dog"], False), (["top-left corner"], False), (["left-handed"], False),
+])
+def test_flips_are_decided_by_whole_words(captions, allowed):
+    assert image_data.flips_allowed(captions) is allowed
+
+
+def test_a_local_encoder_folder_is_stored_as_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "enc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    C = SimpleNamespace(dataset="shapes", text_encoder="enc", image_size=0)
+    td.resolve_auto(C, SimpleNamespace(ddp=False, master=True, rank=0))
+    assert C.text_encoder == str(tmp_path / "enc") and C.image_size == 32
+
+
+def test_ctrl_c_while_loading_data_exits_cleanly_and_leaves_nothing(tiny, train_in_process, tmp_path, monkeypatch, capsys):
+    def interrupted_load(C, sysinfo):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, as it would in a long preprocessing loop
+        raise AssertionError("the signal should have stopped the run")
+
+    monkeypatch.setattr(td, "load_data", interrupted_load)
+    with pytest.raises(SystemExit) as e:
+        train_in_process(tiny + ["--max_steps=5", f"--out_dir={tmp_path}"])
+    assert e.value.code == 128 + signal.SIGINT
+    assert "before training started; nothing was written" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # the new run folder was removed, and its lock with it
+
+
+# ----------------------------------------------------------------------------- two ranks (gloo on CPU)
+
+
+def _two_ranks(rank, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    sysinfo = SimpleNamespace(ddp=True, rank=rank, world=2, master=rank == 0, device=torch.device("cpu"))
+    # the `auto` decision: every rank takes rank 0's answer, whatever it would have found itself
+    decided = td.from_rank0(sysinfo, "hub answers" if rank == 0 else "hub silent")
+    # RNG: each rank saves its own state and gets it back, not rank 0's
+    torch.manual_seed(100 + rank)
+    states = td.gather_rng(sysinfo, torch.get_rng_state())
+    expected = torch.rand(3)  # what this rank draws next
+    torch.manual_seed(999)
+    td.restore_rng({"torch": states, "cuda": []}, sysinfo)
+    results[rank] = (decided, torch.equal(torch.rand(3), expected), len(states))
+    dist.destroy_process_group()
+
+
+def test_every_rank_takes_rank0s_auto_decision_and_its_own_rng_state():
+    with tempfile.TemporaryDirectory() as d:
+        results = mp.Manager().dict()
+        mp.spawn(_two_ranks, args=(os.path.join(d, "init"), results), nprocs=2)
+        assert dict(results) == {0: ("hub answers", True, 2), 1: ("hub answers", True, 2)}
