@@ -47,13 +47,13 @@ RECIPE="--base_channels=128 --channel_mults=1,2,2,4 --attention_levels=1,2,3"
 
 stage environment 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; python3 -c "import torch, transformers; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__, \"cuda\", torch.cuda.is_available())"; python3 -c "import diffusers, datasets, pyarrow; print(\"diffusers\", diffusers.__version__, \"datasets\", datasets.__version__, \"pyarrow\", pyarrow.__version__)"; nproc'
 if want bench; then
-  stage bench_eager 150 python3 benchmarks/bench_unet.py --image_sizes=32,64 $BENCH
+  stage bench_eager 150 python3 -m benchmarks.bench_unet --image_sizes=32,64 $BENCH
 fi
 if want shapes; then
   stage shapes_train 200 python3 train_diffusion.py --dataset=shapes --text_encoder="$ENCODER" --wandb_mode=disabled --out_dir="$OUT/runs" $SHAPES
   SHAPES_RUN=$(latest_run shapes)
-  stage bench_sampling 150 python3 benchmarks/bench_sampling.py --checkpoint="$SHAPES_RUN" $SAMPLING
-  stage adherence 60 python3 benchmarks/adherence.py --checkpoint="$SHAPES_RUN" --repeats=4 --plot="$OUT/adherence.png" $([ "$QUICK" = 1 ] && echo --steps=5 --device=cpu)
+  stage bench_sampling 150 python3 -m benchmarks.bench_sampling --checkpoint="$SHAPES_RUN" $SAMPLING
+  stage adherence 60 python3 -m benchmarks.adherence --checkpoint="$SHAPES_RUN" --repeats=4 --plot="$OUT/adherence.png" $([ "$QUICK" = 1 ] && echo --steps=5 --device=cpu)
   cp "$(ls "$SHAPES_RUN"/samples_*.png | tail -n 1)" "$OUT/shapes_samples.png"
   # the run's EMA weights in fp16, in two files under 16 MB, for sampling experiments elsewhere
   python3 - "$SHAPES_RUN" "$OUT" <<'EOF' >>"$LOG" 2>&1
@@ -65,7 +65,8 @@ half = int((sizes <= sizes[-1] // 2).sum())  # split by bytes: each file under 1
 keys = list(ema)
 for part, names in (("a", keys[:half]), ("b", keys[half:])):
     torch.save({"ema": {k: ema[k] for k in names}, "model_args": ckpt["model_args"], "step": ckpt["step"],
-                "text_encoder": ckpt["text_encoder"], "num_timesteps": ckpt["num_timesteps"]}, f"{sys.argv[2]}/ema_{part}.pt")
+                "text_encoder": ckpt["text_encoder"], "num_timesteps": ckpt["num_timesteps"],
+                "prediction_type": ckpt.get("prediction_type", "eps")}, f"{sys.argv[2]}/ema_{part}.pt")
 print("saved EMA of step", ckpt["step"])
 EOF
 fi
@@ -76,9 +77,9 @@ if want pokemon; then
 fi
 rm -rf "$OUT/runs"  # checkpoints are too large to bring back (the Pokémon one is 1.9 GB); the log holds the numbers
 if want recipe; then
-  stage bench_recipe 120 python3 benchmarks/bench_unet.py --image_sizes=64 $RECIPE $BENCH
+  stage bench_recipe 120 python3 -m benchmarks.bench_unet --image_sizes=64 $RECIPE $BENCH
 fi
 if want compile; then
-  stage bench_compile 300 python3 benchmarks/bench_unet.py --image_sizes=$COMPILE_SIZE --compile=true $BENCH
+  stage bench_compile 300 python3 -m benchmarks.bench_unet --image_sizes=$COMPILE_SIZE --compile=true $BENCH
 fi
 grep -E "^=== .*exit|^\| |img/s|finished at|stopped by|adherence seen|DDIM-25 vs" "$LOG" | tail -n 80

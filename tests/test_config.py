@@ -1,0 +1,451 @@
+"""Issue 14: every setting is checked before any work, and a run is written by one process only.
+
+Every key of both scripts has a declared range; every value outside it stops the script in
+parse_config with ONE line naming the key (exit code 2, no traceback), at once, before a file is
+written. Config files are parsed, never run. Two processes never write the same run, and sampling
+gives the same images whatever its batch size."""
+
+import glob
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import configurator
+import sample_diffusion as sd
+import train_diffusion as td
+
+SCRIPTS = {"train_diffusion": td, "sample_diffusion": sd}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "config", "*.py")))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A shared 2-core machine: one intra-op thread (torch here, OMP_NUM_THREADS for subprocesses)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- the declared ranges, read independently
+# The notation (configurator.py): "[lo, hi]" / "(lo, hi)" intervals of finite numbers, "N+ of [lo, hi]" tuples of at
+# least N integers in the interval, a tuple of strings the choices, "text", "nonempty", "bool".
+
+INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])$")
+TUPLE_SPEC = re.compile(r"^(\d+)\+ of (.+)$")
+
+
+def in_interval(value, spec):
+    m = INTERVAL.match(spec)
+    assert m, f"not an interval: {spec!r}"
+    lo, hi = float(m.group(2)), float(m.group(3))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    above = value > lo if m.group(1) == "(" else value >= lo
+    below = value < hi if m.group(4) == ")" else value <= hi
+    return above and below
+
+
+def expected_valid(value, spec):
+    """Is `value` in the declared range `spec`? Written from the notation, not from configurator.is_valid."""
+    if isinstance(spec, tuple):
+        assert spec and all(isinstance(c, str) for c in spec), spec
+        return isinstance(value, str) and value in spec
+    if spec == "bool":
+        return isinstance(value, bool)
+    if spec == "text":
+        return isinstance(value, str)
+    if spec == "nonempty":
+        return isinstance(value, str) and value.strip() != ""
+    m = TUPLE_SPEC.match(spec)
+    if m:
+        return (isinstance(value, tuple) and len(value) >= int(m.group(1))
+                and all(isinstance(v, int) and in_interval(v, m.group(2)) for v in value))
+    return in_interval(value, spec)
+
+
+def candidates(default):
+    """The classes of bad values for a key of this type: (text on the command line, the value it parses to)."""
+    if isinstance(default, bool):
+        return []  # true/false parse to valid values; "maybe" is a parse error (tested below)
+    if isinstance(default, int):
+        return [("0", 0), ("-1", -1), (str(10**15), 10**15)]
+    if isinstance(default, float):
+        return [("nan", float("nan")), ("inf", math.inf), ("-inf", -math.inf), ("-1", -1.0), ("0", 0.0), ("1e300", 1e300)]
+    if isinstance(default, str):
+        return [("", ""), ("no_such_choice", "no_such_choice")]
+    if isinstance(default, tuple):
+        return [("", ()), ("0", (0,)), ("-1", (-1,)), ("1000", (1000,))]
+    raise AssertionError(f"a default of an unexpected type: {default!r}")
+
+
+def bad_values(module, key):
+    spec = module.RANGES[key]
+    return [(text, value) for text, value in candidates(module.DEFAULTS[key]) if not expected_valid(value, spec)]
+
+
+ALL_KEYS = [(name, key) for name, m in SCRIPTS.items() for key in m.DEFAULTS]
+
+
+class Hang(BaseException):
+    """Raised by the alarm: a BaseException, so that no `except Exception` in the code under test hides it."""
+
+
+def run_bounded(main, argv, seconds=10.0):
+    """configurator.run_cli(main, argv) in this process: (exit code or None, seconds taken). A hang fails."""
+    def on_alarm(signum, frame):
+        raise Hang(f"{argv} still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    t0 = time.monotonic()
+    code = None
+    try:
+        configurator.run_cli(main, argv)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return code, time.monotonic() - t0
+
+
+def files_under(path):
+    """Every file and folder below path (an empty or missing path: [])."""
+    return sorted(os.path.join(d, n) for d, subdirs, files in os.walk(path) for n in subdirs + files)
+
+
+def assert_refused_in_one_line(capsys, main, argv, tmp_path, must_name):
+    """run_cli(main, argv) exits 2 within seconds with exactly one line `error: ...` naming `must_name`,
+    and writes nothing: neither under tmp_path/out (the out_dir) nor in the working directory tmp_path/cwd."""
+    capsys.readouterr()
+    code, took = run_bounded(main, argv)
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, (argv, code, err)
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and must_name in lines[0], (argv, err)
+    assert out == "", (argv, out)
+    assert took < 10, (argv, took)
+    assert not files_under(tmp_path / "out") and not files_under(tmp_path / "cwd"), (argv, files_under(tmp_path))
+    return lines[0]
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """tmp_path/cwd is the working directory (relative paths land there); tmp_path/out is the out_dir, not created."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- 1. every bad value: one line, at once, nothing written
+
+
+def test_the_independent_reading_of_the_notation_agrees_with_is_valid():
+    """The property test below trusts expected_valid; check it against is_valid on every candidate, good or bad,
+    and on edge cases of each notation."""
+    checked = 0
+    for m in SCRIPTS.values():
+        for key, spec in m.RANGES.items():
+            for _, value in candidates(m.DEFAULTS[key]) + [(None, m.DEFAULTS[key])]:
+                assert expected_valid(value, spec) == configurator.is_valid(value, spec), (key, spec, value)
+                checked += 1
+    edges = [(0, "(0, 1]", False), (1, "(0, 1]", True), (1e-9, "(0, 1]", True), (1, "[0, 1)", False), (0.0, "[0, 1)", True),
+             (True, "[0, 1]", False), ("1", "[0, 1]", False), ((), "1+ of [1, 16]", False), ((), "0+ of [0, 15]", True),
+             ((16, 1), "1+ of [1, 16]", True), ((17,), "1+ of [1, 16]", False),
+             (" ", "nonempty", False), ("", "text", True), (0, "bool", False), ("v", ("v", "eps"), True), ("V", ("v", "eps"), False)]
+    for value, spec, ok in edges:
+        assert expected_valid(value, spec) == ok and configurator.is_valid(value, spec) == ok, (value, spec, ok)
+    assert checked > 250
+
+
+@pytest.mark.parametrize("script, key", ALL_KEYS, ids=[f"{s}-{k}" for s, k in ALL_KEYS])
+def test_every_bad_value_of_every_key_is_one_line_before_any_work(capsys, sandbox, script, key):
+    m = SCRIPTS[script]
+    spec = m.RANGES[key]
+    bad = bad_values(m, key)
+    if spec in ("text", "bool"):
+        assert not bad, (key, spec, bad)
+        return
+    assert bad, f"{script}: no bad value found for {key} (range {spec!r}, default {m.DEFAULTS[key]!r})"
+    out = sandbox / "out"
+    for text, _ in bad:
+        # the bad value comes last so that it also wins for --out_dir itself
+        line = assert_refused_in_one_line(capsys, m.main, [f"--out_dir={out}", f"--{key}={text}"], sandbox, f"--{key}=")
+        assert "out of range" in line, line
+
+
+def test_bad_values_found_cover_the_types():
+    """The property test above is not vacuous: it reaches every kind of key with several bad values."""
+    total = {name: sum(len(bad_values(m, k)) for k in m.DEFAULTS) for name, m in SCRIPTS.items()}
+    assert total["train_diffusion"] > 100 and total["sample_diffusion"] > 25, total
+    assert [t for t, _ in bad_values(td, "channel_mults")] == ["", "0", "-1", "1000"]
+    assert [t for t, _ in bad_values(td, "attention_levels")] == ["-1", "1000"]  # () and (0,) are valid
+    assert [t for t, _ in bad_values(td, "lr")] == ["nan", "inf", "-inf", "-1", "0", "1e300"]
+    assert [t for t, _ in bad_values(td, "min_lr")] == ["nan", "inf", "-inf", "-1", "1e300"]  # 0 is valid
+    assert [t for t, _ in bad_values(td, "out_dir")] == [""]
+    assert [t for t, _ in bad_values(sd, "device")] == ["", "no_such_choice"]
+    assert bad_values(td, "resume") == [] and bad_values(sd, "checkpoint") == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_bool_key_that_is_not_true_or_false_is_one_line(capsys, sandbox, script):
+    m = SCRIPTS[script]
+    bools = [k for k, v in m.DEFAULTS.items() if isinstance(v, bool)]
+    assert bools
+    for key in bools:
+        line = assert_refused_in_one_line(capsys, m.main, [f"--out_dir={sandbox / 'out'}", f"--{key}=maybe"], sandbox, f"--{key}=maybe")
+        assert "expected true or false" in line, line
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--min_lr=1e-3", "--lr=1e-4"], "--min_lr=0.001 is above --lr=0.0001"),
+    (["--sample_steps=2000"], "--sample_steps=2000 is more than --num_timesteps=1000"),
+    (["--channel_mults=1,2", "--attention_levels=2"], "--attention_levels=2: levels are 0..1"),
+    (["--n_heads=3"], "do not divide into n_heads=3"),
+    (["--base_channels=48"], "base_channels 48 must be a multiple of 32"),
+    (["--image_size=18", "--channel_mults=1,2,2"], "--image_size"),
+], ids=["min_lr>lr", "sample_steps>T", "attention_level", "heads", "base_channels", "image_size"])
+def test_settings_that_do_not_fit_together_are_one_line(capsys, sandbox, argv, expected):
+    assert_refused_in_one_line(capsys, td.main, [f"--out_dir={sandbox / 'out'}", *argv], sandbox, expected)
+
+
+def test_a_short_run_with_the_default_warmup_stays_legal(capsys):
+    """warmup_steps above max_steps is a legal (if short) schedule: no check may refuse it."""
+    for argv in (["--max_steps=10"], [os.path.join(ROOT, "config", "pokemon_gpu.py"), "--max_steps=10"],
+                 [os.path.join(ROOT, "config", "shapes_cpu.py"), "--max_steps=10", "--warmup_steps=500"]):
+        C, explicit = td.configure(argv)
+        assert C.max_steps == 10 and C.warmup_steps > C.max_steps and "max_steps" in explicit, (argv, vars(C))
+    assert 0 < td.lr_at(0, C) <= C.lr and td.lr_at(9, C) <= C.lr
+
+
+# ----------------------------------------------------------------------------- 2. every key has a declared range, every default is in it
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_key_has_a_range_and_every_default_is_in_it(script):
+    m = SCRIPTS[script]
+    assert set(m.RANGES) == set(m.DEFAULTS), set(m.RANGES) ^ set(m.DEFAULTS)
+    for key, default in m.DEFAULTS.items():
+        assert configurator.is_valid(default, m.RANGES[key]) and expected_valid(default, m.RANGES[key]), (key, default, m.RANGES[key])
+    configurator.parse_config([], m.DEFAULTS, m.RANGES)  # the defaults pass the script's own check
+
+
+def test_every_value_of_every_config_file_is_in_range():
+    assert len(CONFIG_FILES) >= 2, CONFIG_FILES
+    for path in CONFIG_FILES:
+        values = configurator.read_config_file(path, td.DEFAULTS)
+        assert values, path
+        for key, value in values.items():
+            spec = td.RANGES[key]
+            assert configurator.is_valid(value, spec) and expected_valid(value, spec), (path, key, value, spec)
+        C, explicit = td.configure([path])  # and together they fit (consistency, U-Net layout)
+        assert explicit == set(values)
+
+
+# ----------------------------------------------------------------------------- 3. config files: parsed, never run
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_config_file_with_an_unknown_key_names_the_file_and_line(capsys, sandbox):
+    path = write(sandbox / "bad.py", '"""doc"""\nlr = 1e-3\nnope = 1\n')
+    line = assert_refused_in_one_line(capsys, td.main, [path, f"--out_dir={sandbox / 'out'}"], sandbox, f"{path} line 3")
+    assert "unknown key nope" in line, line
+
+
+def test_a_config_file_value_of_the_wrong_type_is_one_line(capsys, sandbox):
+    path = write(sandbox / "bad.py", 'batch_size = "big"\n')
+    line = assert_refused_in_one_line(capsys, td.main, [path, f"--out_dir={sandbox / 'out'}"], sandbox, f"{path} line 1")
+    assert "batch_size = 'big': expected an integer" in line, line
+
+
+@pytest.mark.parametrize("text, line_no, expected", [
+    ("lr = 1e-3 * 2\n", 1, "lr must be a literal"),
+    ('batch_size = 4\nmax_steps = int(open({marker!r}, "w").write("ran"))\n', 2, "max_steps must be a literal"),
+    ("import os\nos.system({touch!r})\n", 1, "only `key = value` assignments"),
+    ("lr = 1e-3\n__import__('pathlib').Path({marker!r}).touch()\n", 2, "only `key = value` assignments"),
+    ("lr, min_lr = 1e-3, 1e-4\n", 1, "only `key = value` assignments"),
+], ids=["arithmetic", "call", "import", "statement", "tuple-target"])
+def test_a_config_file_with_code_is_refused_without_running_it(capsys, sandbox, text, line_no, expected):
+    marker = str(sandbox / "ran")
+    path = write(sandbox / "code.py", text.format(marker=marker, touch=f"touch {marker}"))
+    line = assert_refused_in_one_line(capsys, td.main, [path, f"--out_dir={sandbox / 'out'}"], sandbox, f"{path} line {line_no}")
+    assert expected in line, line
+    assert not os.path.exists(marker), "the config file was run"
+
+
+def test_a_config_file_after_an_override_is_refused(capsys, sandbox):
+    path = write(sandbox / "ok.py", "lr = 1e-3\n")
+    line = assert_refused_in_one_line(capsys, td.main, [f"--out_dir={sandbox / 'out'}", path], sandbox, path)
+    assert "comes after a --key=value" in line, line
+
+
+def test_config_file_then_overrides(capsys):
+    path = os.path.join(ROOT, "config", "shapes_cpu.py")
+    from_file = configurator.read_config_file(path, td.DEFAULTS)
+    assert from_file["max_steps"] != 1000 and from_file["batch_size"] != td.DEFAULTS["batch_size"]
+    C, explicit = td.configure([path, "--max_steps=1000", "--seed=7"])
+    assert C.max_steps == 1000 and C.seed == 7  # the overrides win
+    for key, value in from_file.items():
+        if key != "max_steps":
+            assert getattr(C, key) == value, key  # the file's values are applied
+    assert C.n_heads == td.DEFAULTS["n_heads"] and C.out_dir == td.DEFAULTS["out_dir"]  # the rest are the defaults
+    assert explicit == set(from_file) | {"max_steps", "seed"}
+    assert "no GPU and no config file" not in capsys.readouterr().err  # a config file replaces the CPU recipe
+
+
+# ----------------------------------------------------------------------------- 4. one writer per run
+
+
+def wait_until(condition, proc, timeout, what):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the first run ended early with code {proc.returncode} while waiting for {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_second_process_cannot_write_a_run_in_use(root, tiny, tmp_path):
+    out = tmp_path / "out"
+    args = tiny + ["--max_steps=100000", "--ckpt_interval=2", "--eval_interval=100000", "--sample_interval=100000",
+                   "--wandb_mode=disabled", f"--out_dir={out}"]
+    with open(tmp_path / "first.err", "w") as first_err:
+        first = subprocess.Popen([sys.executable, "train_diffusion.py", *args], cwd=root, env=ENV, stdout=subprocess.DEVNULL,
+                                 stderr=first_err)
+        try:
+            # --resume=auto finds a run by its ckpt.pt: wait for the lock and the first checkpoint
+            wait_until(lambda: glob.glob(str(out / "*" / "run.lock")) and glob.glob(str(out / "*" / "ckpt.pt")), first, 400,
+                       "run.lock and ckpt.pt")
+            (lock,) = glob.glob(str(out / "*" / "run.lock"))
+            run_dir = os.path.dirname(lock)
+            assert open(lock).read().split() == [str(first.pid), socket.gethostname()]
+
+            second = subprocess.run([sys.executable, "train_diffusion.py", *args, "--resume=auto"], cwd=root, env=ENV,
+                                    capture_output=True, text=True, timeout=300)
+            assert second.returncode == 2, (second.returncode, second.stderr[-3000:])
+            assert "Traceback" not in second.stderr, second.stderr
+            errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+            assert len(errors) == 1, second.stderr
+            assert f"run {run_dir} is in use by process {first.pid} on {socket.gethostname()}" in errors[0], errors[0]
+            assert os.listdir(out) == [os.path.basename(run_dir)]  # no second run folder
+            assert open(lock).read().split()[0] == str(first.pid)  # the lock is still the first process's
+            assert first.poll() is None  # and the first run trains on
+        finally:
+            first.send_signal(signal.SIGTERM)  # saves and exits
+            try:
+                first.wait(timeout=180)
+            finally:
+                if first.poll() is None:
+                    first.kill()
+                    first.wait()
+    err = open(tmp_path / "first.err").read()
+    assert first.returncode == 128 + signal.SIGTERM and "Traceback" not in err, (first.returncode, err[-3000:])
+    assert not os.path.exists(lock), "the lock outlived its run"
+    assert td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["step"] >= 2
+
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert not td.pid_alive(p.pid)
+    return p.pid
+
+
+def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over_with_a_warning(capsys, tmp_path):
+    pid = dead_pid()
+    lock = tmp_path / "run.lock"
+    lock.write_text(f"{pid} {socket.gethostname()}\n")
+    capsys.readouterr()
+    path = td.lock_run(str(tmp_path))
+    err = capsys.readouterr().err
+    assert path == str(lock)
+    assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
+    assert f"locked by process {pid}, which is gone: taking the run over" in err and err.startswith("warning:"), err
+    td.release_lock(path)
+    assert not lock.exists()
+
+
+def test_a_live_lock_or_one_from_another_host_is_one_line_and_left_alone(tmp_path):
+    lock = tmp_path / "run.lock"
+    for holder, host in ((os.getppid(), socket.gethostname()), (dead_pid(), "some-other-host")):
+        lock.write_text(f"{holder} {host}\n")
+        with pytest.raises(configurator.UserError) as e:
+            td.lock_run(str(tmp_path))
+        msg = str(e.value)
+        assert "\n" not in msg and f"is in use by process {holder} on {host}" in msg, msg
+        assert lock.read_text() == f"{holder} {host}\n"  # not taken, not removed
+        td.release_lock(str(lock))  # another process's lock: release_lock leaves it
+        assert lock.exists()
+
+
+def test_two_run_folders_in_the_same_second_are_two_folders(tmp_path, monkeypatch):
+    from datetime import datetime
+
+    class FrozenClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2024, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(td, "datetime", FrozenClock)
+    made = [td.new_run_dir(str(tmp_path / "out"), "shapes") for _ in range(3)]
+    assert len(set(made)) == 3 and all(os.path.isdir(p) for p in made), made
+    assert os.path.basename(made[0]) == "20240102-030405-shapes"
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.path.basename(p) for p in made)
+
+
+# ----------------------------------------------------------------------------- 5. bounded sampling: batches do not change the images
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny, train_in_process, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    return train_in_process(tiny + ["--max_steps=4", f"--out_dir={out}"])
+
+
+def sample_into(run_dir, folder, *extra):
+    sd.main([f"--checkpoint={run_dir}", "--num_images=5", "--sampler=ddim", "--steps=3", "--device=cpu",
+             f"--out_dir={folder}", *extra])
+    return {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
+
+
+@pytest.mark.parametrize("eta", ["0", "1"])
+def test_the_batch_size_does_not_change_the_images(tiny_checkpoint, tmp_path, eta):
+    by_batch = {b: sample_into(tiny_checkpoint, tmp_path / f"b{b}", f"--batch_size={b}", f"--eta={eta}") for b in (2, 5)}
+    name = sd.NAME
+    expected = {f"{name}{s}.png" for s in ("", "_cfg")} | {f"{name}{s}_{i:03d}.png" for s in ("", "_cfg") for i in range(5)}
+    for b, files in by_batch.items():
+        assert set(files) == expected, (b, sorted(files))
+    for f in sorted(expected):
+        assert by_batch[2][f] == by_batch[5][f], f"{f} differs between --batch_size=2 and --batch_size=5 (eta {eta})"
+    singles = [by_batch[5][f"{name}_{i:03d}.png"] for i in range(5)]
+    assert len(set(singles)) == 5, "two images of one call are identical: they share their noise"
+    other = sample_into(tiny_checkpoint, tmp_path / "seed1", "--batch_size=5", "--seed=1", f"--eta={eta}")
+    for f in sorted(expected):
+        assert other[f] != by_batch[5][f], f"{f} is the same with --seed=1"
+
+
+def test_the_grid_holds_at_most_grid_max_images(tiny_checkpoint, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(sd, "GRID_MAX", 3)
+    files = sample_into(tiny_checkpoint, tmp_path / "g", "--batch_size=2")
+    size = td.load_checkpoint(os.path.join(tiny_checkpoint, "ckpt.pt"))["model_args"]["image_size"]
+    for suffix in ("", "_cfg"):
+        with Image.open(tmp_path / "g" / f"{sd.NAME}{suffix}.png") as grid:
+            assert grid.size == (3 * size + 4 * 2, size + 2 * 2), grid.size  # 3 images in one row, padding 2
+    assert sum(f.startswith(sd.NAME + "_cfg_") for f in files) == 5  # every image is still written alone
