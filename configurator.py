@@ -126,7 +126,7 @@ def is_valid(value, spec):
     if " of " in spec:
         count, interval = spec.split(" of ")
         return (isinstance(value, tuple) and len(value) >= int(count.rstrip("+"))
-                and all(_in_interval(v, interval) for v in value))
+                and all(isinstance(v, int) and _in_interval(v, interval) for v in value))
     return _in_interval(value, spec)
 
 

@@ -54,7 +54,9 @@ class TextEncoder:
 
     def __init__(self, name, device="cpu"):
         from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a bar per load would sit between a script's own lines
         self.name = name
         if name == "minilm":
             path = minilm_path()

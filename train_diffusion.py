@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 import shapes
 from checkpoints import CKPT_NAME, find_checkpoint, load_checkpoint, save_checkpoint
-from configurator import UserError, hub_reachable, offline_banner, parse_config, pick_device, read_config_file, run_cli
+from configurator import (UserError, check_ranges, hub_reachable, offline_banner, parse_config, pick_device, read_config_file,
+                          run_cli)
 from diffusion_model import NoiseScheduler, UNet, UNetConfig, diffusion_loss, sample
 from image_data import load_image_dataset, save_grid
 from text_encoders import TextEncoder, embed_prompts, encode_captions, resolve_text_encoder
@@ -124,14 +125,16 @@ def configure(argv):
     Without a config file on a machine without a GPU, the CPU recipe is the base."""
     gave_file = any(a.endswith(".py") and not a.startswith("--") for a in argv)
     C, explicit = parse_config(argv, DEFAULTS, RANGES)
-    if not gave_file and pick_device(C.device).type == "cpu":
+    cpu_recipe = not gave_file and pick_device(C.device).type == "cpu"
+    if cpu_recipe:
         recipe = read_config_file(CPU_RECIPE, DEFAULTS)
         for k, v in recipe.items():
             if k not in explicit:
                 setattr(C, k, v)
+    check_consistency(C)  # before the banner: settings that do not fit together are the only line printed
+    if cpu_recipe and not C.resume:  # a resumed run takes its own settings back instead
         print(f"no GPU and no config file: training the CPU recipe ({os.path.relpath(CPU_RECIPE)}, about 10 min on 2 cores); "
               f"pass a config file, e.g. config/pokemon_gpu.py, to choose another", file=sys.stderr)
-    check_consistency(C)
     return C, explicit
 
 
@@ -139,7 +142,8 @@ def check_consistency(C):
     """Pairs of settings that are each in range but do not fit together; the U-Net's own layout
     checks (image size against levels, heads against channels) run in unet_config."""
     if C.min_lr > C.lr:
-        raise UserError(f"--min_lr={C.min_lr} is above --lr={C.lr}: the cosine decays from lr down to min_lr")
+        raise UserError(f"--min_lr={C.min_lr} is above --lr={C.lr}: the cosine decays from lr down to min_lr; "
+                        f"pass a --min_lr at or below --lr")
     if C.sample_steps > C.num_timesteps:
         raise UserError(f"--sample_steps={C.sample_steps} is more than --num_timesteps={C.num_timesteps}: use at most that many")
     if any(level >= len(C.channel_mults) for level in C.attention_levels):
@@ -288,6 +292,7 @@ def resume_run(C, explicit, sysinfo):
                 print(f"resuming with {k} {getattr(C, k)} instead of {stored[k]}")
             continue
         setattr(C, k, stored[k])
+    check_ranges(vars(C), RANGES)  # a checkpoint's settings are checked like the command line's
     check_consistency(C)
     return ckpt, os.path.dirname(os.path.abspath(path))
 

@@ -167,7 +167,7 @@ def test_the_independent_reading_of_the_notation_agrees_with_is_valid():
              (" ", "nonempty", False), ("", "text", True), (0, "bool", False), ("v", ("v", "eps"), True), ("V", ("v", "eps"), False)]
     for value, spec, ok in edges:
         assert expected_valid(value, spec) == ok and configurator.is_valid(value, spec) == ok, (value, spec, ok)
-    assert checked > 250
+    assert checked > 200
 
 
 @pytest.mark.parametrize("script, key", ALL_KEYS, ids=[f"{s}-{k}" for s, k in ALL_KEYS])
@@ -336,7 +336,7 @@ def test_a_second_process_cannot_write_a_run_in_use(root, tiny, tmp_path):
             assert open(lock).read().split() == [str(first.pid), socket.gethostname()]
 
             second = subprocess.run([sys.executable, "train_diffusion.py", *args, "--resume=auto"], cwd=root, env=ENV,
-                                    capture_output=True, text=True, timeout=300)
+                                    capture_output=True, text=True, timeout=150)  # a second writer would train on
             assert second.returncode == 2, (second.returncode, second.stderr[-3000:])
             assert "Traceback" not in second.stderr, second.stderr
             errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
@@ -381,16 +381,22 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over_with_a_warning
 
 
 def test_a_live_lock_or_one_from_another_host_is_one_line_and_left_alone(tmp_path):
+    """A live holder on this host, or any holder on another host (whose pids this host cannot see)."""
     lock = tmp_path / "run.lock"
-    for holder, host in ((os.getppid(), socket.gethostname()), (dead_pid(), "some-other-host")):
-        lock.write_text(f"{holder} {host}\n")
-        with pytest.raises(configurator.UserError) as e:
-            td.lock_run(str(tmp_path))
-        msg = str(e.value)
-        assert "\n" not in msg and f"is in use by process {holder} on {host}" in msg, msg
-        assert lock.read_text() == f"{holder} {host}\n"  # not taken, not removed
-        td.release_lock(str(lock))  # another process's lock: release_lock leaves it
-        assert lock.exists()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for holder, host in ((live.pid, socket.gethostname()), (dead_pid(), "some-other-host")):
+            lock.write_text(f"{holder} {host}\n")
+            with pytest.raises(configurator.UserError) as e:
+                td.lock_run(str(tmp_path))
+            msg = str(e.value)
+            assert "\n" not in msg and f"run {tmp_path} is in use by process {holder} on {host}" in msg, msg
+            assert lock.read_text() == f"{holder} {host}\n"  # not taken, not removed
+            td.release_lock(str(lock))  # another process's lock: release_lock leaves it
+            assert lock.exists()
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_two_run_folders_in_the_same_second_are_two_folders(tmp_path, monkeypatch):
