@@ -290,11 +290,11 @@ class UNet(nn.Module):
         ch = cfg.base_channels
         time_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        coords = None
         if cfg.coord_conv:  # (1, 2, S, S): channel 0 is x (left = -1), channel 1 is y (top = -1)
             y, x = torch.meshgrid(torch.linspace(-1, 1, cfg.image_size), torch.linspace(-1, 1, cfg.image_size), indexing="ij")
-            self.register_buffer("coords", torch.stack([x, y])[None], persistent=False)
-        else:
-            self.coords = None
+            coords = torch.stack([x, y])[None]
+        self.register_buffer("coords", coords, persistent=False)
         self.conv_in = nn.Conv2d(cfg.in_channels + (2 if cfg.coord_conv else 0), ch, 3, padding=1)
 
         self.down = nn.ModuleList()

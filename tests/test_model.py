@@ -344,3 +344,10 @@ def test_samplers_recover_the_single_image_of_a_point_mass(prediction_type):
         for w in (1.0, 3.0):
             out = sample(Oracle(), sch, cond, cond, guidance_scale=w, generator=0, **kw)
             assert torch.allclose(out, target.expand_as(out), atol=1e-4), (kw, w)
+
+
+def test_a_checkpoint_without_prediction_type_predicts_eps():
+    import checkpoints
+
+    assert checkpoints.build_scheduler({"num_timesteps": 10}).prediction_type == "eps"  # saved before v existed
+    assert checkpoints.build_scheduler({"num_timesteps": 10, "prediction_type": "v"}).prediction_type == "v"
