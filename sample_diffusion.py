@@ -74,7 +74,7 @@ def main(argv):
     cond, uncond = embed_prompts(encoder, [prompt], dev)
     del encoder
     how = "ddpm, all steps" if C.sampler == "ddpm" else f"ddim, {C.steps} steps, eta {C.eta:g}"
-    print(f"checkpoint {path} (step {ckpt['step']}, {ckpt['dataset']}, predicts {scheduler.prediction_type}, "
+    print(f"checkpoint {path} (step {ckpt['step']}, {ckpt.get('dataset', '?')}, predicts {scheduler.prediction_type}, "
           f"text encoder {ckpt['text_encoder']}) | {how} | {dev}")
 
     os.makedirs(C.out_dir, exist_ok=True)

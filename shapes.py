@@ -478,6 +478,7 @@ def sample_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, s
     from diffusion_model import sample  # here, not at the top: the dataset and the judge need no model
 
     autocast = autocast or contextlib.nullcontext()
+    was_training = model.training
     model.eval()
     results = {}
     for w in guidance_scales:
@@ -488,5 +489,5 @@ def sample_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, s
             idx = [i for i, p in enumerate(prompts) if p["held_out"] == held]
             judged[split] = adherence(images[idx].float().cpu(), [prompts[i] for i in idx])
         results[w] = judged
-    model.train()
+    model.train(was_training)  # the EMA stays in eval mode (no dropout in later sample grids)
     return results

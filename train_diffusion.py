@@ -131,7 +131,8 @@ def configure(argv):
         for k, v in recipe.items():
             if k not in explicit:
                 setattr(C, k, v)
-    check_consistency(C)  # before the banner: settings that do not fit together are the only line printed
+    if not C.resume:  # a resumed run is checked once its own settings are back (resume_run)
+        check_consistency(C)  # before the banner: settings that do not fit together are the only line printed
     if cpu_recipe and not C.resume:  # a resumed run takes its own settings back instead
         print(f"no GPU and no config file: training the CPU recipe ({os.path.relpath(CPU_RECIPE)}, about 10 min on 2 cores); "
               f"pass a config file, e.g. config/pokemon_gpu.py, to choose another", file=sys.stderr)
@@ -152,7 +153,7 @@ def check_consistency(C):
     unet_config(C)
 
 
-def unet_config(C, context_dim=1):
+def unet_config(C, context_dim=1):  # context_dim 1: before the encoder is loaded, only the layout is checked
     """The U-Net layout that config C asks for. UNetConfig checks it (an image_size the levels cannot
     halve, heads that do not divide the channels, ...); from the command line that is one line to fix."""
     size = C.image_size or (32 if C.dataset == "shapes" else 64)
@@ -273,12 +274,14 @@ def resume_run(C, explicit, sysinfo):
     allowed and printed. Returns (ckpt, run_dir)."""
     if not C.resume:
         return None, None
-    path = find_checkpoint(C.out_dir if C.resume == "auto" else C.resume)
+    # rank 0 finds the checkpoint and every rank resumes that one
+    path = from_rank0(sysinfo, find_checkpoint(C.out_dir if C.resume == "auto" else C.resume) if sysinfo.master else None)
     if path is None:
         if C.resume != "auto":
             raise UserError(f"--resume={C.resume}: no checkpoint there (pass a ckpt.pt, a run folder, or auto)")
         if sysinfo.master:
             print(f"resume=auto: no run in {C.out_dir} yet, starting a new one")
+        check_consistency(C)
         return None, None
     ckpt = load_checkpoint(path)
     stored = {**DEFAULTS, **RUN_DEFAULTS_BEFORE_KEY, **ckpt.get("config", {})}
@@ -318,35 +321,46 @@ def new_run_dir(out_dir, name):
 def lock_run(run_dir):
     """Take the run folder for this process: run.lock holds pid and host, created with O_EXCL so
     that of two processes exactly one gets it. A lock left by a dead process on this host is taken
-    over with a warning; a live one is an error naming its holder. Returns the lock's path."""
+    over with a warning (under an flock of the folder, so that of two processes taking it over, one
+    does and the other then sees it held); a live one is an error naming its holder. Returns the
+    lock's path."""
+    import fcntl
+
     path = os.path.join(run_dir, "run.lock")
-    me = f"{os.getpid()} {socket.gethostname()}"
-    for _ in range(3):
+    for _ in range(50):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                pid_text, host = open(path).read().split(maxsplit=1)
-                pid = int(pid_text)
-            except (OSError, ValueError):
-                pid, host = None, "?"  # being written this instant, or damaged: look again
-            if pid is None:
+            holder = read_lock(path)
+            if holder is None:  # being written this instant: look again
                 time.sleep(0.1)
-                with contextlib.suppress(OSError):
-                    if time.time() - os.path.getmtime(path) > 5:
-                        os.remove(path)
                 continue
-            if host.strip() == socket.gethostname() and not pid_alive(pid):
-                print(f"warning: {run_dir} was locked by process {pid}, which is gone: taking the run over", file=sys.stderr)
-                with contextlib.suppress(OSError):
+            pid, host = holder
+            if host != socket.gethostname() or pid_alive(pid):
+                raise UserError(f"run {run_dir} is in use by process {pid} on {host}: wait for it to end, stop it, "
+                                f"or start a new run (drop --resume)")
+            folder = os.open(run_dir, os.O_RDONLY)
+            try:
+                fcntl.flock(folder, fcntl.LOCK_EX)
+                if read_lock(path) == holder:  # still the dead one's: nobody took it over meanwhile
+                    print(f"warning: {run_dir} was locked by process {pid}, which is gone: taking the run over", file=sys.stderr)
                     os.remove(path)
-                continue
-            raise UserError(f"run {run_dir} is in use by process {pid} on {host.strip()}: wait for it to end, stop it, "
-                            f"or start a new run (drop --resume)")
+            finally:
+                os.close(folder)  # closing releases the flock
+            continue
         with os.fdopen(fd, "w") as f:
-            f.write(me + "\n")
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
         return path
     raise UserError(f"could not take the lock {path}: remove it if no process is training this run")
+
+
+def read_lock(path):
+    """(pid, host) of a lock file, or None while it is being written (or is damaged)."""
+    try:
+        pid, host = open(path).read().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
 
 
 def pid_alive(pid):
@@ -361,7 +375,7 @@ def pid_alive(pid):
 
 def release_lock(path):
     with contextlib.suppress(OSError):
-        if path and open(path).read().split(maxsplit=1)[0] == str(os.getpid()):
+        if path and (read_lock(path) or (None,))[0] == os.getpid():
             os.remove(path)
 
 
@@ -442,6 +456,8 @@ def build_training(C, D, ckpt, sysinfo):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # load_state_dict brings back the saved weight decay: the run's setting wins
+            group["weight_decay"] = C.weight_decay
         step, wandb_id = ckpt["step"], ckpt.get("wandb_id")
         restore_rng(ckpt["rng"], sysinfo)
     train_model = torch.compile(model) if C.compile else model
@@ -556,7 +572,7 @@ def main(argv):
     C, explicit = configure(argv)
     sysinfo = setup_device(C)
     stop = install_stop_handlers()
-    lock = None
+    lock = created = None
     try:
         ckpt, run_dir = resume_run(C, explicit, sysinfo)
         if ckpt is not None and ckpt["step"] >= C.max_steps:  # finished: touch nothing
@@ -566,7 +582,6 @@ def main(argv):
             return run_dir
         torch.manual_seed(C.seed + sysinfo.rank)
         resolve_auto(C, sysinfo)
-        created = None
         if sysinfo.master:  # the run folder is taken before any slow work, so that a second writer learns at once
             if run_dir is None:
                 run_dir = created = new_run_dir(C.out_dir, os.path.basename(C.dataset.rstrip("/")))
@@ -575,7 +590,7 @@ def main(argv):
     finally:
         release_lock(lock)
         stop.restore()
-        with contextlib.suppress(OSError, NameError):
+        with contextlib.suppress(OSError):
             if created and not os.listdir(created):  # a new run that failed before writing anything leaves no trace
                 os.rmdir(created)
 
@@ -590,9 +605,9 @@ def train(C, sysinfo, stop, ckpt, run_dir):
         print(f"run {run_dir} | {D.name}: {len(D.train_images)} train / {len(D.val_images)} val images at {C.image_size}px | "
               f"text {C.text_encoder} ({D.context_dim}-d, {len(D.ctx_table)} distinct captions) | U-Net {n_params / 1e6:.1f}M params, "
               f"predicts {C.prediction_type} | {dev}" + (f" | distributed: {sysinfo.world} ranks, global batch {C.batch_size * sysinfo.world}" if sysinfo.ddp else ""))
+    stop.training = True  # from here a stop signal saves a checkpoint and ends the run
     wandb_run = start_wandb(C, run_dir, M.wandb_id) if master else None
     model, ema, optimizer, step = M.model, M.ema, M.optimizer, M.step
-    stop.training = True
 
     # -------------------------------------------------------------------------- training loop
     bar = tqdm(total=C.max_steps, initial=step, desc="training", disable=not master, dynamic_ncols=True)
@@ -685,7 +700,7 @@ def train(C, sysinfo, stop, ckpt, run_dir):
     if sysinfo.ddp:
         dist.destroy_process_group()
     if stopping and not last:
-        sys.exit(128 + stop.signal)
+        sys.exit(128 + (stop.signal or signal.SIGTERM))  # under torchrun another rank may have had the signal
     return run_dir
 
 

@@ -61,7 +61,8 @@ def run_one(C, name, seed, threads):
             subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
         # train_diffusion makes a timestamped run folder inside out_dir: take its checkpoint up one level
         inner = [d for d in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, d, "ckpt.pt"))]
-        os.replace(os.path.join(run_dir, sorted(inner)[-1], "ckpt.pt"), ckpt_path)
+        if inner:  # a run resumed from <run_dir>/ckpt.pt trained in place
+            os.replace(os.path.join(run_dir, sorted(inner)[-1], "ckpt.pt"), ckpt_path)
     result_path = os.path.join(run_dir, "ablation.json")
     if os.path.isfile(result_path):
         return

@@ -13,9 +13,6 @@ import os
 import sys
 import time
 
-
-
-
 from checkpoints import build_model, build_scheduler, find_checkpoint, load_checkpoint
 from configurator import UserError, parse_config, pick_device, run_cli
 from shapes import sample_adherence
@@ -52,15 +49,20 @@ def load_shapes_checkpoint(where, use_ema, device="cpu"):
     if path is None:
         raise UserError(f"no checkpoint in {where}: pass --checkpoint=<ckpt.pt or run folder>")
     ckpt = load_checkpoint(path)
-    if ckpt["dataset"] != "shapes":
-        raise UserError(f"{path} was trained on {ckpt['dataset']}: the judge only knows the shapes dataset")
+    if ckpt.get("dataset") != "shapes":
+        raise UserError(f"{path} was trained on {ckpt.get('dataset', 'another dataset')}: the judge only knows the shapes dataset")
     model = build_model(ckpt, "ema" if use_ema else "model").to(device).eval()
     return path, ckpt, model, build_scheduler(ckpt).to(device)
 
 
 def main(argv):
     C, _ = parse_config(argv, DEFAULTS)
-    scales = [float(w) for w in C.guidance_scales.split(",")]
+    try:
+        scales = [float(w) for w in C.guidance_scales.split(",")]
+    except ValueError:
+        raise UserError(f"--guidance_scales={C.guidance_scales}: give numbers separated by commas, e.g. 0,1,3") from None
+    if any(not 0 <= w < float("inf") for w in scales):
+        raise UserError(f"--guidance_scales={C.guidance_scales}: every scale must be a finite number >= 0")
     path, ckpt, model, scheduler = load_shapes_checkpoint(C.checkpoint, C.use_ema, pick_device(C.device))
     encoder = TextEncoder(ckpt["text_encoder"])
     res, spi = score(model, scheduler, encoder, scales, C.sampler, C.steps, C.seed, C.repeats, C.eta)

@@ -21,8 +21,6 @@ etas (DDIM's eta values, comma-separated), device (auto|cpu|cuda), use_ema.
 
 import sys
 
-
-
 import shapes
 from benchmarks.adherence import load_shapes_checkpoint, score
 from configurator import UserError, parse_config, pick_device, run_cli

@@ -4,7 +4,7 @@ train_diffusion.main() in this process under cProfile and splits the loop's time
 forward, the backward pass, the optimizer, and everything else (batch assembly, caption dropout,
 EMA update, logging, the loop's own Python). Goal: everything else < 5% of the loop.
 
-    python -m benchmarks.profile_step                                             # 60 steps, default model
+    python -m benchmarks.profile_step                                             # 60 steps of the CPU recipe's model
     python -m benchmarks.profile_step --max_steps=100 --extra="--base_channels=32 --num_res_blocks=1 --batch_size=32"
     python -m benchmarks.profile_step --load_stats=step.prof                      # re-read a profile saved with --save_stats
 

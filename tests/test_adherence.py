@@ -10,7 +10,6 @@ import torch
 import checkpoints
 import shapes
 import text_encoders
-import train_diffusion as td
 
 # the README's CPU recipe, shortened to fit a test (README, "Results": position reaches 1.00 on the
 # in-training judge by step 1000 of the recipe)
