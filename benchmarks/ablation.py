@@ -96,34 +96,42 @@ def judge_run(C, name, seed):
 
 
 def speed(C, names):
-    """img/s of each variant alone on all cores: 200 steps, the rate logged over the last 100."""
+    """img/s of each variant alone on all cores: 200 steps, the rate logged over the last 100, and
+    the run's wall time (start-up, data and caption embeddings included)."""
+    import time
+
     for name in names:
         run_dir = os.path.join(C.out_dir, "speed", name)
         cmd = [sys.executable, os.path.join(ROOT, "train_diffusion.py"), *RECIPE, *VARIANTS[name], "--max_steps=200",
                "--eval_interval=100000", "--sample_interval=100000", f"--out_dir={run_dir}"]
+        t0 = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"),
                        cwd=ROOT)
+        wall = time.time() - t0
         inner = sorted(os.listdir(run_dir))[-1]
         rates = [r["train/images_per_s"] for r in map(json.loads, open(os.path.join(run_dir, inner, "log.jsonl")))
                  if "train/images_per_s" in r and r["step"] > 100]
-        print(f"{name}: {sum(rates) / len(rates):.1f} img/s", flush=True)
+        print(f"{name}: {sum(rates) / len(rates):.1f} img/s, {wall:.0f} s for the 200-step run", flush=True)
 
 
 def table(C, names, seeds):
-    cols = [("ddpm1000", "DDPM-1000"), ("ddim25_eta0", "DDIM-25 η=0"), ("ddim10_eta0", "DDIM-10 η=0")]
-    print("| variant | train seed | sampler | seen color / shape / size / position | held-out color / shape / size / position |")
+    """The README's two tables: adherence with CFG by sampler, then w = 0 and the novel wordings."""
+    runs = [(n, sd, json.load(open(p))) for n in names for sd in seeds
+            if os.path.isfile(p := os.path.join(C.out_dir, f"{n}-s{sd}", "ablation.json"))]
+    four = lambda res, split: " / ".join(f"{res[split][a]:.2f}" for a in ("color", "shape", "size", "position"))
+    print(f"\nWith CFG (w = {C.guidance:g}), {C.repeats} sampling seeds x 27 prompts; color / shape / size / position")
+    print("| variant | train seed | sampler | seen | held-out |")
     print("|---|---|---|---|---|")
-    for name in names:
-        for seed in seeds:
-            path = os.path.join(C.out_dir, f"{name}-s{seed}", "ablation.json")
-            if not os.path.isfile(path):
-                continue
-            r = json.load(open(path))
-            rows = [(label, r[k]) for k, label in cols if k in r]
-            rows += [("DDIM-25 η=0, w=0", r["ddim25_eta0_w0"]), ("DDIM-25 η=0, novel wordings", r["novel_ddim25_eta0"])]
-            for label, res in rows:
-                cell = lambda s: " / ".join(f"{res[s][a]:.2f}" for a in ("color", "shape", "size", "position"))
-                print(f"| {name} | {seed} | {label} | {cell('seen')} | {cell('held_out')} |")
+    for name, seed, r in runs:
+        for key, label in (("ddpm1000", "DDPM-1000"), ("ddim25_eta0", "DDIM-25 η=0"), ("ddim10_eta0", "DDIM-10 η=0")):
+            if key in r:
+                print(f"| {name} | {seed} | {label} | {four(r[key], 'seen')} | {four(r[key], 'held_out')} |")
+    print("\nDDIM-25 η=0: without guidance (w = 0, chance is 0.17 / 0.33 / 0.5 / 0.2) and with CFG on the novel wordings")
+    print("| variant | train seed | w = 0, seen | w = 0, held-out | novel wordings, seen | novel wordings, held-out |")
+    print("|---|---|---|---|---|---|")
+    for name, seed, r in runs:
+        w0, nv = r["ddim25_eta0_w0"], r["novel_ddim25_eta0"]
+        print(f"| {name} | {seed} | {four(w0, 'seen')} | {four(w0, 'held_out')} | {four(nv, 'seen')} | {four(nv, 'held_out')} |")
 
 
 def main(argv):
