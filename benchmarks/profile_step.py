@@ -1,6 +1,6 @@
 """
 How much of the training loop's time is not the model? Runs a short `shapes` training run of
-train_diffusion.main() in this process under cProfile and splits the loop's time (in train()) into the U-Net's
+train_diffusion.py under `python -m cProfile` (a subprocess) and splits the loop's time (in train()) into the U-Net's
 forward, the backward pass, the optimizer, and everything else (batch assembly, caption dropout,
 EMA update, logging, the loop's own Python). Goal: everything else < 5% of the loop.
 
@@ -31,18 +31,17 @@ Keys (--key=value): max_steps, extra (train_diffusion.py arguments, quoted), sav
 raw profile there), load_stats (analyse a saved profile instead of running), top (rows of 'outside').
 """
 
-import cProfile
 import os
 import pstats
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 
 os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # before torch initialises CUDA
 
-import train_diffusion
 from configurator import UserError, parse_config, run_cli
 
 DEFAULTS = dict(max_steps=60, extra="", save_stats="", load_stats="", top=8)
@@ -148,18 +147,21 @@ def main(argv):
     args += [] if keep_out_dir else [f"--out_dir={out_dir}"]
     args += extra
     print("train_diffusion.py " + shlex.join(args))
-    profiler = cProfile.Profile()
+    # the script runs as it would from the shell, under `python -m cProfile`: scripts are not imported
+    stats_path = C.save_stats or os.path.join(tempfile.mkdtemp(prefix="profile_stats_"), "step.prof")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     t0 = time.time()
     try:
-        profiler.runcall(train_diffusion.main, args)
+        r = subprocess.run([sys.executable, "-m", "cProfile", "-o", stats_path, "train_diffusion.py", *args], cwd=root)
     finally:
         if out_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
+    if r.returncode != 0:
+        raise UserError(f"the profiled run failed (exit code {r.returncode}): see its output above")
     print(f"profiled run: {time.time() - t0:.1f}s wall")
     if C.save_stats:
-        profiler.dump_stats(C.save_stats)
         print(f"wrote {C.save_stats} (python -m pstats {C.save_stats}, or --load_stats= to re-read it)")
-    return analyse(pstats.Stats(profiler), C.top)
+    return analyse(pstats.Stats(stats_path), C.top)
 
 
 if __name__ == "__main__":
