@@ -219,14 +219,16 @@ class UNetConfig:
     dropout: float = 0.0
     pos_embed: bool = False  # add a fixed 2D sin-cos position to the image tokens of every SpatialTransformer
     coord_conv: bool = False  # feed conv_in two extra channels holding each pixel's (x, y) in [-1, 1] (CoordConv)
+    patch_size: int = 1  # > 1: the U-Net works on cells of p x p pixels (PixelUnshuffle in, PixelShuffle out)
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)
         self.attention_levels = tuple(self.attention_levels)
-        factor = 2 ** (len(self.channel_mults) - 1)
+        factor = 2 ** (len(self.channel_mults) - 1) * self.patch_size
         if self.image_size % factor != 0:
+            patches = f" after patches of {self.patch_size}" if self.patch_size > 1 else ""
             raise ValueError(
-                f"image_size {self.image_size} cannot be halved {len(self.channel_mults) - 1} times "
+                f"image_size {self.image_size} cannot be halved {len(self.channel_mults) - 1} times{patches} "
                 f"by channel_mults {self.channel_mults}: use a multiple of {factor} (e.g. {max(factor, self.image_size // factor * factor)})"
             )
         if self.base_channels % 32 != 0:
@@ -282,6 +284,11 @@ class UNet(nn.Module):
     up:   per level, from the lowest, num_res_blocks + 1 ResAttn steps, each fed the concatenation
           of the current features and one skip (last in, first out), then an Upsample.
     out:  norm -> SiLU -> conv3x3 (zero-initialised) back to the image's channels.
+
+    patch_size p > 1 folds each p x p cell of pixels into channels before conv_in (PixelUnshuffle:
+    (B, 3, H, W) -> (B, 3 p^2, H/p, W/p)) and unfolds conv_out's 3 p^2 channels back into pixels
+    (PixelShuffle), as DiT cuts images into patches: every level then costs what it costs at H/p,
+    about p^2 times less, while the loss and the samples stay at full resolution.
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -290,16 +297,17 @@ class UNet(nn.Module):
         ch = cfg.base_channels
         time_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        p, size = cfg.patch_size, cfg.image_size // cfg.patch_size  # size: the side of the feature maps at level 0
         coords = None
         if cfg.coord_conv:  # (1, 2, S, S): channel 0 is x (left = -1), channel 1 is y (top = -1)
             y, x = torch.meshgrid(torch.linspace(-1, 1, cfg.image_size), torch.linspace(-1, 1, cfg.image_size), indexing="ij")
             coords = torch.stack([x, y])[None]
         self.register_buffer("coords", coords, persistent=False)
-        self.conv_in = nn.Conv2d(cfg.in_channels + (2 if cfg.coord_conv else 0), ch, 3, padding=1)
+        self.conv_in = nn.Conv2d((cfg.in_channels + (2 if cfg.coord_conv else 0)) * p * p, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
         skip_chs = [ch]
-        res = lambda level: cfg.image_size // 2**level  # side of the feature maps at a level
+        res = lambda level: size // 2**level  # side of the feature maps at a level
         for level, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
                 self.down.append(ResAttn(ch, cfg.base_channels * mult, time_dim, cfg, level in cfg.attention_levels, res(level)))
@@ -325,7 +333,7 @@ class UNet(nn.Module):
         assert not skip_chs, "every skip connection is consumed exactly once"
 
         self.norm_out = group_norm(ch)
-        self.conv_out = zero_init(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(ch, cfg.in_channels * p * p, 3, padding=1))
 
     def forward(self, x, t, context, context_mask=None):
         """x (B, 3, H, W), t (B,) integer timesteps, context (B, L, D), context_mask (B, L) True for
@@ -336,7 +344,7 @@ class UNet(nn.Module):
 
         if self.coords is not None:
             x = torch.cat([x, self.coords.to(x.dtype).expand(B, -1, -1, -1)], dim=1)  # (B, 3 + 2, H, W)
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))  # (B, base, H/p, W/p)
         skips = [h]
         for block in self.down:
             h = block(h, temb, context, context_mask) if isinstance(block, ResAttn) else block(h)
@@ -351,7 +359,7 @@ class UNet(nn.Module):
                 h = block(torch.cat([h, skips.pop()], dim=1), temb, context, context_mask)
             else:
                 h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.cfg.patch_size)  # (B, 3, H, W)
 
 
 # -----------------------------------------------------------------------------

@@ -224,6 +224,21 @@ def test_position_options_keep_the_checkpoint_layout_loadable():
 
 # ----------------------------------------------------------------------------- attention
 
+def test_patches_are_the_small_unet_on_folded_pixels():
+    """patch_size 2 at 32 px is the 16 px U-Net on 12-channel cells: the same weights give the same
+    output once the 2x2 cells are folded into channels (in) and unfolded back into pixels (out)."""
+    patched = tiny_unet(32, patch_size=2, pos_embed=True)
+    small = UNet(UNetConfig(image_size=16, in_channels=12, pos_embed=True, **TINY)).eval()
+    small.load_state_dict(patched.state_dict())  # same parameters, same shapes: conv_in 12 -> 32, conv_out 32 -> 12
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 900])
+    ctx, mask = text(2, 4)
+    cells = x.reshape(2, 3, 16, 2, 16, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 12, 16, 16)  # channel 4c + 2i + j: pixel (2y+i, 2x+j)
+    out = small(cells, t, ctx, mask).reshape(2, 3, 2, 2, 16, 16).permute(0, 1, 4, 2, 5, 3).reshape(2, 3, 32, 32)
+    assert torch.allclose(patched(x, t, ctx, mask), out, atol=1e-5)
+    with pytest.raises(ValueError, match="after patches of 2.*use a multiple of 4"):
+        UNetConfig(image_size=30, patch_size=2, channel_mults=(1, 2))
+
+
 
 def test_padded_tokens_are_ignored_and_real_tokens_matter():
     model = tiny_unet()
