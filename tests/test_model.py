@@ -275,6 +275,25 @@ def test_cfg_is_one_batched_forward():
     assert calls == [4] * 5  # one forward of 2 x batch per step
 
 
+
+def test_guidance_in_an_interval_guides_exactly_the_steps_at_or_above_t_min():
+    """guidance_t_min: steps at t >= it are guided (one doubled batch), the others run the conditional
+    model alone; t_min 0 is plain CFG, t_min above every step is the conditional model, and w = 0
+    stays the unconditional model whatever t_min says."""
+    model, sch = tiny_unet(), NoiseScheduler(50)
+    cond, uncond = text(2, 4, seed=1), text(1, 4, seed=2)
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, out: calls.append((int(args[1][0]), args[0].shape[0])))
+    mixed = sample(model, sch, cond, uncond, guidance_scale=3.0, sampler="ddim", steps=5, guidance_t_min=20)
+    assert ddim_timesteps(50, 5) == [49, 39, 29, 19, 9]
+    assert calls == [(49, 4), (39, 4), (29, 4), (19, 2), (9, 2)]
+    hook.remove()
+    run = lambda **kw: sample(model, sch, cond, uncond, sampler="ddim", steps=5, **kw)
+    assert torch.equal(run(guidance_scale=3.0, guidance_t_min=0), run(guidance_scale=3.0))
+    assert torch.equal(run(guidance_scale=3.0, guidance_t_min=50), run(guidance_scale=1.0))
+    assert torch.equal(run(guidance_scale=0.0, guidance_t_min=20), run(guidance_scale=0.0))
+    assert (mixed - run(guidance_scale=3.0)).abs().max() > 1e-4 and (mixed - run(guidance_scale=1.0)).abs().max() > 1e-4
+
 def test_ddim_timesteps_trailing():
     assert ddim_timesteps(1000, 10) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     assert ddim_timesteps(20, 20) == list(range(19, -1, -1))
