@@ -6,7 +6,7 @@ Draw images from a trained checkpoint. Edit the constants below, or override any
 
 Writes into out_dir:
     generated_image_pokemon.png       the plain conditional model (guidance_scale = 1, no guidance)
-    generated_image_pokemon_cfg.png   classifier-free guidance at guidance_scale
+    generated_image_pokemon_cfg.png   classifier-free guidance at guidance_scale (at noise levels t >= guidance_t_min)
 With num_images > 1 each file is a grid (of the first 64), and every image is also written alone
 (generated_image_pokemon_000.png, ..., generated_image_pokemon_cfg_000.png, ...), sampled
 batch_size at a time. Both runs start from the same noise, so the two files differ only by the guidance.
@@ -27,6 +27,7 @@ from text_encoders import TextEncoder, embed_prompts
 checkpoint = ""  # a ckpt.pt or a run folder; "" = the latest run in out_dir
 condition = "a large red circle in the center"  # the prompt; "" is the unconditional prompt (the model's own prior)
 guidance_scale = 3.0  # CFG weight w: out = out_u + w (out_c - out_u); 3 is as good as any scale on shapes (README)
+guidance_t_min = 300  # guide only at noise levels t >= this, the conditional model below; 0 guides every step (README)
 num_images = 4  # images per file
 batch_size = 64  # images sampled at once (memory); the images do not depend on it
 sampler = "ddpm"  # ddpm (all T steps, Ho et al.) | ddim (Song et al., `steps` steps)
@@ -39,7 +40,7 @@ out_dir = "diffusion_results"
 device = "auto"  # auto | cuda | cpu
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
-RANGES = dict(checkpoint="text", condition="text", guidance_scale="[0, 100]", num_images="[1, 1000000]", batch_size="[1, 4096]",
+RANGES = dict(checkpoint="text", condition="text", guidance_scale="[0, 100]", guidance_t_min="[0, 100000]", num_images="[1, 1000000]", batch_size="[1, 4096]",
               sampler=("ddpm", "ddim"), steps="[1, 100000]", eta="[0, 1]", seed="[0, 2147483647]", use_ema="bool",
               save_trajectory="bool", out_dir="nonempty", device=("auto", "cuda", "cpu"))
 NAME = "generated_image_pokemon"
@@ -92,7 +93,7 @@ def main(argv):
             # image i has its own noise stream, seeded by (seed, i): the same bytes whatever the batch size
             gens = [torch.Generator().manual_seed(C.seed * 1_000_003 + i) for i in range(start, start + n)]
             images = sample(model, scheduler, (cond[0].expand(n, -1, -1), cond[1].expand(n, -1)), uncond, guidance_scale=w,
-                            sampler=C.sampler, steps=C.steps, eta=C.eta, generator=gens, progress=True,
+                            guidance_t_min=C.guidance_t_min, sampler=C.sampler, steps=C.steps, eta=C.eta, generator=gens, progress=True,
                             callback=record if (C.save_trajectory and suffix == "_cfg" and start == 0) else None)
             grid.append(images[:max(0, GRID_MAX - start)].cpu())
             if C.num_images > 1:

@@ -469,10 +469,12 @@ def adherence(images, targets):
 
 
 @torch.no_grad()
-def sample_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, steps, seed, autocast=None, sampler="ddim", eta=1.0):
+def sample_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, steps, seed, autocast=None, sampler="ddim", eta=1.0,
+                     guidance_t_min=0):
     """Sample the judge's prompts (shapes.eval_prompts(), embedded as cond) with DDIM (or DDPM) at
     each guidance scale and judge the images. Returns {w: {"seen": {attr: frac}, "held_out": {attr: frac}}}.
-    eta = 1 by default: deterministic DDIM (eta = 0) scores well below DDPM on the same model (README)."""
+    eta = 1 by default: deterministic DDIM (eta = 0) scores well below DDPM on the same model (README).
+    guidance_t_min: guidance only at t >= it (diffusion_model.sample)."""
     import contextlib
 
     from diffusion_model import sample  # here, not at the top: the dataset and the judge need no model
@@ -483,7 +485,8 @@ def sample_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, s
     results = {}
     for w in guidance_scales:
         with autocast:
-            images = sample(model, scheduler, cond, uncond, guidance_scale=w, sampler=sampler, steps=steps, eta=eta, generator=seed)
+            images = sample(model, scheduler, cond, uncond, guidance_scale=w, sampler=sampler, steps=steps, eta=eta, generator=seed,
+                            guidance_t_min=guidance_t_min)
         judged = {}
         for split, held in (("seen", False), ("held_out", True)):
             idx = [i for i, p in enumerate(prompts) if p["held_out"] == held]

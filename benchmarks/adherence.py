@@ -19,11 +19,11 @@ from shapes import sample_adherence
 from text_encoders import TextEncoder, embed_prompts
 
 DEFAULTS = dict(checkpoint="diffusion_results", guidance_scales="0,1,2,3,5", sampler="ddim", steps=25, eta=1.0, seed=0,
-                repeats=2, use_ema=True, plot="", device="auto")
+                repeats=2, use_ema=True, plot="", device="auto", guidance_t_min=0)
 ATTRS = ("color", "shape", "position", "size")
 
 
-def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats, eta=1.0, wording="canonical"):
+def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats, eta=1.0, wording="canonical", guidance_t_min=0):
     """Mean adherence over `repeats` seeds: {w: {split: {attr: frac}}}, and seconds per image.
     wording: the prompts' captions, canonical or novel (templates no training caption uses)."""
     import shapes
@@ -33,7 +33,8 @@ def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats, eta=
     total = {w: {s: dict.fromkeys(ATTRS, 0.0) for s in ("seen", "held_out")} for w in scales}
     t0 = time.time()
     for r in range(repeats):
-        res = sample_adherence(model, scheduler, prompts, cond, uncond, scales, steps, seed + r, sampler=sampler, eta=eta)
+        res = sample_adherence(model, scheduler, prompts, cond, uncond, scales, steps, seed + r, sampler=sampler, eta=eta,
+                               guidance_t_min=guidance_t_min)
         for w in scales:
             for split in res[w]:
                 for a in ATTRS:
@@ -65,9 +66,9 @@ def main(argv):
         raise UserError(f"--guidance_scales={C.guidance_scales}: every scale must be a finite number >= 0")
     path, ckpt, model, scheduler = load_shapes_checkpoint(C.checkpoint, C.use_ema, pick_device(C.device))
     encoder = TextEncoder(ckpt["text_encoder"])
-    res, spi = score(model, scheduler, encoder, scales, C.sampler, C.steps, C.seed, C.repeats, C.eta)
+    res, spi = score(model, scheduler, encoder, scales, C.sampler, C.steps, C.seed, C.repeats, C.eta, guidance_t_min=C.guidance_t_min)
 
-    how = f"{C.sampler}" + (f"-{C.steps} eta={C.eta:g}" if C.sampler == "ddim" else "")
+    how = f"{C.sampler}" + (f"-{C.steps} eta={C.eta:g}" if C.sampler == "ddim" else "") + f", guidance at t >= {C.guidance_t_min}"
     print(f"checkpoint {path} (step {ckpt['step']}), {how}, {C.repeats} seeds x {len(__import__('shapes').eval_prompts())} prompts, "
           f"{spi:.3f} s/image")
     print("| attribute | split | " + " | ".join(f"w={w:g}" for w in scales) + " |")
