@@ -58,6 +58,7 @@ n_heads = 4
 dropout = 0.1
 pos_embed = True  # fixed 2D sin-cos positions on the image tokens of every SpatialTransformer (README, ablation)
 coord_conv = False  # (x, y) coordinate channels into conv_in (CoordConv)
+patch_size = 1  # > 1: the U-Net works on p x p cells of pixels, about p^2 times cheaper (README, the 32 px recipe)
 num_timesteps = 1000
 prediction_type = "v"  # what the U-Net predicts: v (the velocity, Salimans & Ho) | eps (the noise, Ho et al.)
 # training
@@ -76,6 +77,7 @@ eval_interval = 500  # validation loss (and shapes adherence) every this many st
 eval_images = 256  # validation images per evaluation (fixed timesteps and noise)
 sample_interval = 1000  # a grid of samples (EMA, CFG, fixed prompts and seed)
 sample_guidance = 3.0
+sample_guidance_t_min = 300  # guidance only at noise levels t >= this; below, the conditional model (README, the 32 px recipe)
 sample_steps = 50  # DDIM steps for samples and adherence
 sample_eta = 1.0  # DDIM's eta there (0 deterministic, 1 stochastic like DDPM)
 ckpt_interval = 1000
@@ -96,23 +98,23 @@ RANGES = dict(
     dataset="nonempty", image_column="nonempty", caption_column="nonempty", image_size="[0, 1024]",
     shapes_num_images="[1, 1000000]", shapes_captions=("varied", "six"), val_fraction="[0, 0.5]", text_encoder="nonempty",
     base_channels="[32, 1024]", channel_mults="1+ of [1, 16]", num_res_blocks="[1, 16]", attention_levels="0+ of [0, 15]",
-    n_heads="[1, 64]", dropout="[0, 1)", pos_embed="bool", coord_conv="bool", num_timesteps="[2, 100000]",
+    n_heads="[1, 64]", dropout="[0, 1)", pos_embed="bool", coord_conv="bool", patch_size="[1, 16]", num_timesteps="[2, 100000]",
     prediction_type=("v", "eps"), batch_size="[1, 65536]", max_steps="[1, 1e9]", lr="(0, 1]", min_lr="[0, 1]",
     warmup_steps="[0, 1e9]", weight_decay="[0, 10]", min_snr_gamma="[0, 1e4]", grad_clip="(0, 1e6]", p_uncond="[0, 1)",
     ema_decay="[0, 1)", eval_interval="[1, 1e9]", eval_images="[1, 100000]", sample_interval="[1, 1e9]",
-    sample_guidance="[0, 100]", sample_steps="[1, 100000]", sample_eta="[0, 1]", ckpt_interval="[1, 1e9]",
+    sample_guidance="[0, 100]", sample_guidance_t_min="[0, 100000]", sample_steps="[1, 100000]", sample_eta="[0, 1]", ckpt_interval="[1, 1e9]",
     log_interval="[1, 1e9]", out_dir="nonempty", resume="text", wandb_mode=("auto", "online", "offline", "disabled"),
     wandb_project="nonempty", device=("auto", "cuda", "cpu"), compile="bool", seed="[0, 2147483647]",
 )
 MODEL_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attention_levels", "n_heads", "dropout", "pos_embed",
-              "coord_conv")
+              "coord_conv", "patch_size")
 # keys a resumed run must keep: changing them mid-run would train another model on other data
 RUN_KEYS = MODEL_KEYS + ("dataset", "image_column", "caption_column", "image_size", "shapes_num_images", "shapes_captions",
                          "val_fraction", "text_encoder", "num_timesteps", "prediction_type", "seed")
 # keys that describe this invocation, not the run: never taken from a checkpoint
 SESSION_KEYS = ("resume", "out_dir", "device")
 # what runs saved before these keys existed trained with
-RUN_DEFAULTS_BEFORE_KEY = dict(pos_embed=False, coord_conv=False, prediction_type="eps", shapes_captions="six", min_snr_gamma=0.0)
+RUN_DEFAULTS_BEFORE_KEY = dict(pos_embed=False, coord_conv=False, patch_size=1, sample_guidance_t_min=0, prediction_type="eps", shapes_captions="six", min_snr_gamma=0.0)
 CPU_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "shapes_cpu.py")
 
 
@@ -160,7 +162,7 @@ def unet_config(C, context_dim=1):  # context_dim 1: before the encoder is loade
     try:
         return UNetConfig(image_size=size, context_dim=context_dim, **{k: getattr(C, k) for k in MODEL_KEYS})
     except ValueError as e:
-        raise UserError(f"{e} (--image_size, --base_channels, --channel_mults, --attention_levels, --n_heads)") from None
+        raise UserError(f"{e} (--image_size, --patch_size, --base_channels, --channel_mults, --attention_levels, --n_heads)") from None
 
 
 # -----------------------------------------------------------------------------
@@ -445,8 +447,9 @@ def global_batch_indices(step, n, global_batch, seed):
 def build_training(C, D, ckpt, sysinfo):
     dev = sysinfo.device
     model_cfg = dataclasses.replace(unet_config(C), context_dim=D.context_dim)
-    # NHWC on CUDA: 1.25x the images/s of NCHW for the GPU recipe's U-Net on an H200 (README, GPU results)
-    layout = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+    # NHWC: 1.25x the images/s of NCHW for the GPU recipe's U-Net on an H200, 1.06-1.11x for the CPU
+    # recipes on 2 cores (README, Results)
+    layout = torch.channels_last
     model = UNet(model_cfg).to(dev, memory_format=layout)
     ema = UNet(model_cfg).to(dev, memory_format=layout).requires_grad_(False).eval()
     ema.load_state_dict(model.state_dict())
@@ -529,7 +532,7 @@ def evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s):
     if D.judge_prompts is not None:
         w = C.sample_guidance
         adh = shapes.sample_adherence(M.ema, M.scheduler, D.judge_prompts, *D.judge_ctx, (0.0, w), C.sample_steps, C.seed,
-                                      sysinfo.autocast, eta=C.sample_eta)
+                                      sysinfo.autocast, eta=C.sample_eta, guidance_t_min=C.sample_guidance_t_min)
         for scale, splits in adh.items():
             for split, attrs in splits.items():
                 log.update({f"adherence/w{scale:g}/{split}/{a}": v for a, v in attrs.items()})
@@ -629,7 +632,9 @@ def train(C, sysinfo, stop, ckpt, run_dir):
             raise UserError(f"the loss or the gradients became NaN or inf before step {step}: training stopped; {kept}. "
                             f"Lower --lr or raise --warmup_steps")
         if master and (step % C.eval_interval == 0 or last):
+            t_eval = time.time()
             log, line = evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s)
+            log["eval/seconds"] = time.time() - t_eval  # its share of the run's minutes (README, the 32 px recipe)
             tqdm.write(line)
             write_log(run_dir, step, log)
             if wandb_run:
@@ -637,7 +642,7 @@ def train(C, sysinfo, stop, ckpt, run_dir):
         if master and ((step % C.sample_interval == 0 and step > 0) or last):
             with sysinfo.autocast:
                 grid = sample(ema, M.scheduler, D.sample_cond, D.sample_uncond, guidance_scale=C.sample_guidance, sampler="ddim",
-                              steps=C.sample_steps, eta=C.sample_eta, generator=C.seed)
+                              steps=C.sample_steps, eta=C.sample_eta, generator=C.seed, guidance_t_min=C.sample_guidance_t_min)
             grid_path = os.path.join(run_dir, f"samples_{step:07d}.png")
             save_grid(grid, grid_path)
             if wandb_run:
