@@ -73,7 +73,8 @@ def _literal(key, value, default, where):
 
 def read_config_file(path, defaults):
     """A config file holds plain assignments `key = literal` (comments welcome) and nothing else:
-    it is parsed, never executed, so it can only set known keys to values of the right type."""
+    it is parsed, never executed, so it can only set known keys to values of the right type.
+    defaults None: any key, unchecked (for benchmarks that read a few keys of a recipe)."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist: pass a file such as config/shapes_cpu.py")
     try:
@@ -88,13 +89,13 @@ def read_config_file(path, defaults):
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             raise UserError(f"{where}: only `key = value` assignments are allowed in a config file")
         key = node.targets[0].id
-        if key not in defaults:
+        if defaults is not None and key not in defaults:
             raise UserError(f"{where}: unknown key {key}; valid keys: {', '.join(defaults)}")
         try:
             value = ast.literal_eval(node.value)
         except ValueError:
             raise UserError(f"{where}: {key} must be a literal (a number, text, true/false or a tuple), not an expression") from None
-        values[key] = _literal(key, value, defaults[key], where)
+        values[key] = value if defaults is None else _literal(key, value, defaults[key], where)
     return values
 
 

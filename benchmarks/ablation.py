@@ -1,8 +1,13 @@
 """
-The adherence ablation of the README: each lever alone and the chosen combination, trained with
-the CPU recipe (config/shapes_cpu.py) for the same number of steps, then judged with every sampler.
+The README's two ablations: each lever alone and the chosen combination, trained and then judged
+with every sampler on the same budget.
 
-    python -m benchmarks.ablation --out_dir=ablation --jobs=2               # train what is missing, judge, print the table
+    --study=adherence: prediction target, positions, captions (README, "The adherence ablation"), on the
+        16 px recipe (config/shapes_16px.py) for the same number of steps;
+    --study=32px: the 32 px recipe (config/shapes_cpu.py) against what would also fit its minutes
+        (README, "The 32 px recipe"); each variant's steps fill the same wall time.
+
+    python -m benchmarks.ablation --study=32px --out_dir=ablation32 --jobs=2   # train what is missing, judge, print the table
     python -m benchmarks.ablation --out_dir=ablation --variants=baseline,v --train_seeds=0,1
 
 Each (variant, training seed) trains in its own process (`--jobs` at a time, the cores split
@@ -12,8 +17,9 @@ by DDPM-1000 (only for the variants in --ddpm_variants: 1000 steps of a doubled 
 minutes a run), DDIM-25 and DDIM-10 with eta = 0, over --repeats sampling seeds; DDIM-25 eta = 0 also
 at w = 0 (chance) and on the novel wordings (templates no training caption uses). Results go to
 <run>/ablation.json; the table is printed from those files, so a second call only reprints it.
-Training speed is not measured here (runs share the cores): measure each variant's img/s alone
-with `--speed=true`, which trains every variant for 200 steps, one at a time, on all cores.
+Training speed is not measured here (runs share the cores): `--speed=true` trains each variant
+alone on all cores, one after the other, for --speed_steps steps (200) and prints img/s side by
+side, or with --speed_steps=0 its whole run, whose wall time is the budget the 32 px study holds fixed.
 """
 
 import json
@@ -43,20 +49,52 @@ VARIANTS = {
     "varied_captions": BEFORE + ["--shapes_captions=varied"],
     "chosen": [],
 }
-RECIPE = ["config/shapes_cpu.py", "--wandb_mode=disabled"]
-DEFAULTS = dict(out_dir="ablation", variants=",".join(VARIANTS), train_seeds="0", ddpm_variants="baseline,chosen", jobs=2,
-                max_steps=3000, repeats=4, guidance=3.0, speed=False)
+# The 32 px recipe (config/shapes_cpu.py, "chosen") and what else fits its wall time on 2 cores:
+# each variant changes one thing and trains as many steps as fit the recipe's minutes (README).
+VARIANTS_32 = {
+    "chosen": [],
+    # no patches: a full-resolution level (1,2,2), attention at 8x8, 0.45x the images/s: 1350 steps
+    "full_res": ["--patch_size=1", "--channel_mults=1,2,2", "--attention_levels=2", "--max_steps=1350"],
+    "min_snr": ["--min_snr_gamma=5"],
+    "eps": ["--prediction_type=eps"],
+    "no_pos_embed": ["--pos_embed=false"],
+    "batch64": ["--batch_size=64", "--max_steps=1500"],  # the same images in half the steps
+    "steps4500": ["--max_steps=4500"],  # 1.5x the budget: how far more minutes go
+    "16px": ["config/shapes_16px.py"],  # the 16 px recipe, for the side-by-side time (--speed=true)
+}
+# Per study: the recipe file, the variants, those trained and judged by default, those also judged
+# with DDPM-1000, and where guidance starts (diffusion_model.sample: guidance only at t >= it). The
+# adherence study guided every step, as the samplers did then.
+STUDIES = {
+    "adherence": dict(recipe="config/shapes_16px.py", variants=VARIANTS, default=list(VARIANTS), ddpm="baseline,chosen",
+                      guidance_t_min=0),
+    "32px": dict(recipe="config/shapes_cpu.py", variants=VARIANTS_32, default=["chosen", "full_res", "min_snr", "eps"], ddpm="",
+                 guidance_t_min=300),
+}
+DEFAULTS = dict(study="adherence", out_dir="ablation", variants="", train_seeds="0", ddpm_variants="default", jobs=2,
+                repeats=4, guidance=3.0, guidance_t_min=-1, speed=False, speed_steps=200)  # -1: the study's
+
+
+def command(C, name, *extra):
+    """train_diffusion.py's command line for a variant: the study's recipe file (or the variant's
+    own, when its first argument is one), then the variant's overrides, then `extra`."""
+    recipe, args = STUDIES[C.study]["recipe"], list(STUDIES[C.study]["variants"][name])
+    if args and args[0].endswith(".py"):
+        recipe = args.pop(0)
+    return [sys.executable, os.path.join(ROOT, "train_diffusion.py"), recipe, "--wandb_mode=disabled", *args, *extra]
 
 
 def run_one(C, name, seed, threads):
     run_dir = os.path.join(C.out_dir, f"{name}-s{seed}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    done = os.path.isfile(ckpt_path) and torch.load(ckpt_path, map_location="cpu", weights_only=True)["step"] >= C.max_steps
+    done = False
+    if os.path.isfile(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        done = ckpt["step"] >= ckpt["config"]["max_steps"]
     if not done:
         os.makedirs(run_dir, exist_ok=True)
-        cmd = [sys.executable, os.path.join(ROOT, "train_diffusion.py"), *RECIPE, *VARIANTS[name], f"--seed={seed}",
-               f"--max_steps={C.max_steps}", f"--out_dir={run_dir}", "--resume=auto"]
+        cmd = command(C, name, f"--seed={seed}", f"--out_dir={run_dir}", "--resume=auto")
         with open(os.path.join(run_dir, "train.out"), "w") as log:
             subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
         # train_diffusion makes a timestamped run folder inside out_dir: take its checkpoint up one level
@@ -66,8 +104,8 @@ def run_one(C, name, seed, threads):
     result_path = os.path.join(run_dir, "ablation.json")
     if os.path.isfile(result_path):
         return
-    cmd = [sys.executable, "-m", "benchmarks.ablation", f"--out_dir={C.out_dir}", f"--repeats={C.repeats}",
-           f"--guidance={C.guidance}", f"--ddpm_variants={C.ddpm_variants}", f"--variants={name}", f"--train_seeds={seed}",
+    cmd = [sys.executable, "-m", "benchmarks.ablation", f"--study={C.study}", f"--out_dir={C.out_dir}", f"--repeats={C.repeats}",
+           f"--guidance={C.guidance}", f"--guidance_t_min={C.guidance_t_min}", f"--ddpm_variants={C.ddpm_variants}", f"--variants={name}", f"--train_seeds={seed}",
            "--jobs=0"]
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
 
@@ -84,34 +122,43 @@ def judge_run(C, name, seed):
         setups.insert(0, ("ddpm1000", "ddpm", ckpt["num_timesteps"], 1.0))
     for key, sampler, steps, eta in setups:
         scales = [0.0, w] if key == "ddim25_eta0" else [w]
-        res, spi = score(model, scheduler, encoder, scales, sampler, steps, 0, C.repeats, eta)
+        res, spi = score(model, scheduler, encoder, scales, sampler, steps, 0, C.repeats, eta, guidance_t_min=C.guidance_t_min)
         out[key] = res[w]
         if key == "ddim25_eta0":
             out["ddim25_eta0_w0"] = res[0.0]
         print(f"{name}-s{seed} {key}: " + " ".join(f"{s}:{a} {res[w][s][a]:.2f}" for s in res[w] for a in ATTRS), flush=True)
-    res, _ = score(model, scheduler, encoder, [w], "ddim", 25, 0, C.repeats, 0.0, wording="novel")
+    res, _ = score(model, scheduler, encoder, [w], "ddim", 25, 0, C.repeats, 0.0, wording="novel", guidance_t_min=C.guidance_t_min)
     out["novel_ddim25_eta0"] = res[w]
     with open(os.path.join(run_dir, "ablation.json"), "w") as f:
         json.dump(out, f, indent=1)
 
 
 def speed(C, names):
-    """img/s of each variant alone on all cores: 200 steps, the rate logged over the last 100, and
-    the run's wall time (start-up, data and caption embeddings included)."""
+    """img/s of each variant alone on all cores, one after the other: over --speed_steps steps (the
+    rate logged after the first half), or the whole recipe with --speed_steps=0, whose wall time
+    includes start-up (data, caption embeddings) and the in-training evaluations."""
     import time
 
+    rows = []
     for name in names:
         run_dir = os.path.join(C.out_dir, "speed", name)
-        cmd = [sys.executable, os.path.join(ROOT, "train_diffusion.py"), *RECIPE, *VARIANTS[name], "--max_steps=200",
-               "--eval_interval=100000", "--sample_interval=100000", f"--out_dir={run_dir}"]
+        extra = [f"--out_dir={run_dir}"]
+        if C.speed_steps:
+            extra += [f"--max_steps={C.speed_steps}", "--eval_interval=100000", "--sample_interval=100000"]
         t0 = time.time()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-                       cwd=ROOT)
+        subprocess.run(command(C, name, *extra), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=ROOT)
         wall = time.time() - t0
         inner = sorted(os.listdir(run_dir))[-1]
-        rates = [r["train/images_per_s"] for r in map(json.loads, open(os.path.join(run_dir, inner, "log.jsonl")))
-                 if "train/images_per_s" in r and r["step"] > 100]
-        print(f"{name}: {sum(rates) / len(rates):.1f} img/s, {wall:.0f} s for the 200-step run", flush=True)
+        log = [json.loads(line) for line in open(os.path.join(run_dir, inner, "log.jsonl"))]
+        last = max(r["step"] for r in log)
+        rates = [r["train/images_per_s"] for r in log if "train/images_per_s" in r and r["step"] > last / 2]
+        rows.append((name, sum(rates) / len(rates), wall, last))
+        print(f"{name}: {rows[-1][1]:.1f} img/s, {wall:.0f} s for {last} steps", flush=True)
+    print(f"\n| variant | steps | img/s | wall time | img/s ratio to {rows[0][0]} | wall time ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, rate, wall, last in rows:
+        print(f"| {name} | {last} | {rate:.1f} | {wall // 60:.0f} min {wall % 60:.0f} s | {rate / rows[0][1]:.2f} | {wall / rows[0][2]:.2f} |")
 
 
 def table(C, names, seeds):
@@ -119,7 +166,7 @@ def table(C, names, seeds):
     runs = [(n, sd, json.load(open(p))) for n in names for sd in seeds
             if os.path.isfile(p := os.path.join(C.out_dir, f"{n}-s{sd}", "ablation.json"))]
     four = lambda res, split: " / ".join(f"{res[split][a]:.2f}" for a in ("color", "shape", "size", "position"))
-    print(f"\nWith CFG (w = {C.guidance:g}), {C.repeats} sampling seeds x 27 prompts; color / shape / size / position")
+    print(f"\nWith CFG (w = {C.guidance:g} at t >= {C.guidance_t_min}), {C.repeats} sampling seeds x 27 prompts; color / shape / size / position")
     print("| variant | train seed | sampler | seen | held-out |")
     print("|---|---|---|---|---|")
     for name, seed, r in runs:
@@ -136,10 +183,16 @@ def table(C, names, seeds):
 
 def main(argv):
     C, _ = parse_config(argv, DEFAULTS)
-    names = [n for n in C.variants.split(",") if n]
-    unknown = [n for n in names if n not in VARIANTS]
+    if C.study not in STUDIES:
+        raise UserError(f"--study={C.study} is unknown: use one of {', '.join(STUDIES)}")
+    study = STUDIES[C.study]
+    variants = study["variants"]
+    C.ddpm_variants = study["ddpm"] if C.ddpm_variants == "default" else C.ddpm_variants
+    C.guidance_t_min = study["guidance_t_min"] if C.guidance_t_min < 0 else C.guidance_t_min
+    names = [n for n in (C.variants or ",".join(study["default"])).split(",") if n]
+    unknown = [n for n in names if n not in variants]
     if unknown:
-        raise UserError(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+        raise UserError(f"--variants: unknown {', '.join(unknown)} in --study={C.study}; known: {', '.join(variants)}")
     seeds = [int(s) for s in C.train_seeds.split(",")]
     if C.speed:
         return speed(C, names)
