@@ -447,7 +447,7 @@ def global_batch_indices(step, n, global_batch, seed):
 def build_training(C, D, ckpt, sysinfo):
     dev = sysinfo.device
     model_cfg = dataclasses.replace(unet_config(C), context_dim=D.context_dim)
-    # NHWC: 1.25x the images/s of NCHW for the GPU recipe's U-Net on an H200, 1.06-1.11x for the CPU
+    # NHWC: 1.25x the images/s of NCHW for the GPU recipe's U-Net on an H200, 1.05-1.13x for the CPU
     # recipes on 2 cores (README, Results)
     layout = torch.channels_last
     model = UNet(model_cfg).to(dev, memory_format=layout)
