@@ -303,6 +303,8 @@ class UNet(nn.Module):
             y, x = torch.meshgrid(torch.linspace(-1, 1, cfg.image_size), torch.linspace(-1, 1, cfg.image_size), indexing="ij")
             coords = torch.stack([x, y])[None]
         self.register_buffer("coords", coords, persistent=False)
+        # without patches no fold at all: pixel_(un)shuffle by 1 would still copy the tensor
+        self.fold, self.unfold = (nn.PixelUnshuffle(p), nn.PixelShuffle(p)) if p > 1 else (nn.Identity(), nn.Identity())
         self.conv_in = nn.Conv2d((cfg.in_channels + (2 if cfg.coord_conv else 0)) * p * p, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -344,7 +346,7 @@ class UNet(nn.Module):
 
         if self.coords is not None:
             x = torch.cat([x, self.coords.to(x.dtype).expand(B, -1, -1, -1)], dim=1)  # (B, 3 + 2, H, W)
-        h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))  # (B, base, H/p, W/p)
+        h = self.conv_in(self.fold(x))  # (B, base, H/p, W/p)
         skips = [h]
         for block in self.down:
             h = block(h, temb, context, context_mask) if isinstance(block, ResAttn) else block(h)
@@ -359,7 +361,7 @@ class UNet(nn.Module):
                 h = block(torch.cat([h, skips.pop()], dim=1), temb, context, context_mask)
             else:
                 h = block(h)
-        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.cfg.patch_size)  # (B, 3, H, W)
+        return self.unfold(self.conv_out(F.silu(self.norm_out(h))))  # (B, 3, H, W)
 
 
 # -----------------------------------------------------------------------------
