@@ -53,11 +53,10 @@ VARIANTS = {
 # each variant changes one thing and trains as many steps as fit the recipe's minutes (README).
 VARIANTS_32 = {
     "chosen": [],
-    # no patches: a full-resolution level (1,2,2), attention at 8x8, 0.45x the images/s: 1350 steps
+    # no patches: a full-resolution level (1,2,2), attention at 8x8, 0.44x the images/s: 1350 steps
     "full_res": ["--patch_size=1", "--channel_mults=1,2,2", "--attention_levels=2", "--max_steps=1350"],
     "min_snr": ["--min_snr_gamma=5"],
     "eps": ["--prediction_type=eps"],
-    "no_pos_embed": ["--pos_embed=false"],
     "batch64": ["--batch_size=64", "--max_steps=1500"],  # the same images in half the steps
     "steps4500": ["--max_steps=4500"],  # 1.5x the budget: how far more minutes go
     "16px": ["config/shapes_16px.py"],  # the 16 px recipe, for the side-by-side time (--speed=true)

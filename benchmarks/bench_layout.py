@@ -13,6 +13,7 @@ images/s, its ratio to NCHW, and for torch.compile the seconds its first steps t
 pays back only in a run where (1 - 1/ratio) x the run's training seconds exceed that.
 """
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -24,8 +25,7 @@ from configurator import parse_config, read_config_file, run_cli
 from diffusion_model import UNet, UNetConfig
 
 DEFAULTS = dict(configs="config/shapes_cpu.py,config/shapes_16px.py", steps=10, rounds=5, compile=True, threads=0)
-MODEL_KEYS = ("image_size", "patch_size", "base_channels", "channel_mults", "num_res_blocks", "attention_levels", "n_heads",
-              "dropout", "pos_embed", "coord_conv")
+MODEL_KEYS = {f.name for f in dataclasses.fields(UNetConfig)}  # what a recipe file may say about the U-Net
 
 
 def setup(cfg, batch_size, channels_last, compiled):
