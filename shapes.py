@@ -338,9 +338,9 @@ def measure(images):
     rgb        mean colour (in [0, 1]) of the interior foreground pixels, i.e.
                those not touching background, which are free of the blending
                with white that anti-aliased edges have;
-    area       fraction of the image covered by the shape, counting edge
-               pixels by their coverage (distance from white relative to the
-               interior colour's);
+    area       fraction of the image covered by the shape, counting interior
+               pixels as 1 and edge pixels by their coverage (distance from
+               white relative to the interior colour's, at most 1);
     centroid   coverage-weighted centre (x, y) as fractions of the image;
     fill       area / bounding-box area, where the box width is the sum over
                columns of each column's largest coverage (so partially covered
@@ -364,8 +364,11 @@ def measure(images):
     rgb = (x * core[:, None]).flatten(2).sum(dim=2) / core_pixels[:, None]
 
     # Coverage: 1 inside, fractional at anti-aliased edges, 0 in the background.
+    # Interior pixels count 1 whatever their shade: a generated shape's paint is
+    # uneven, and a pixel paler than the mean would otherwise count as partly
+    # background, pulling a square's fill ratio towards a circle's.
     core_distance = (1 - rgb).norm(dim=1).clamp(min=1e-6)
-    coverage = (distance / core_distance[:, None, None]).clamp(0, 1) * mask
+    coverage = torch.where(interior, 1.0, (distance / core_distance[:, None, None]).clamp(0, 1) * mask)
     pixels = coverage.flatten(1).sum(dim=1).clamp(min=1e-6)
 
     # Moments of the column and row profiles; +0.5 puts each pixel's mass at
