@@ -19,7 +19,8 @@ at w = 0 (chance) and on the novel wordings (templates no training caption uses)
 <run>/ablation.json; the table is printed from those files, so a second call only reprints it.
 Training speed is not measured here (runs share the cores): `--speed=true` trains each variant
 alone on all cores, one after the other, for --speed_steps steps (200) and prints img/s side by
-side, or with --speed_steps=0 its whole run, whose wall time is the budget the 32 px study holds fixed.
+side, or with --speed_steps=0 its whole run, whose wall time is the budget the 32 px study holds fixed;
+--speed_rounds=R alternates the variants R times and prints medians and the ratio of each round.
 """
 
 import json
@@ -59,6 +60,7 @@ VARIANTS_32 = {
     "eps": ["--prediction_type=eps"],
     "batch64": ["--batch_size=64", "--max_steps=1500"],  # the same images in half the steps
     "steps4500": ["--max_steps=4500"],  # 1.5x the budget: how far more minutes go
+    "steps6000": ["--max_steps=6000"],  # 2x
     "16px": ["config/shapes_16px.py"],  # the 16 px recipe, for the side-by-side time (--speed=true)
 }
 # Per study: the recipe file, the variants, those trained and judged by default, those also judged
@@ -71,7 +73,7 @@ STUDIES = {
                  guidance_t_min=300),
 }
 DEFAULTS = dict(study="adherence", out_dir="ablation", variants="", train_seeds="0", ddpm_variants="default", jobs=2,
-                repeats=4, guidance=3.0, guidance_t_min=-1, speed=False, speed_steps=200)  # -1: the study's
+                repeats=4, guidance=3.0, guidance_t_min=-1, speed=False, speed_steps=200, speed_rounds=1)  # -1: the study's
 
 
 def command(C, name, *extra):
@@ -133,31 +135,40 @@ def judge_run(C, name, seed):
 
 
 def speed(C, names):
-    """img/s of each variant alone on all cores, one after the other: over --speed_steps steps (the
-    rate logged after the first half), or the whole recipe with --speed_steps=0, whose wall time
-    includes start-up (data, caption embeddings) and the in-training evaluations."""
+    """img/s of each variant alone on all cores: over --speed_steps steps (the rate logged after the
+    first half), or the whole recipe with --speed_steps=0, whose wall time includes start-up (data,
+    caption embeddings) and the in-training evaluations. With --speed_rounds=R the variants take
+    turns R times (a, b, a, b, ...), so that a slow spell of a shared machine falls on both; the
+    table gives the medians and the ratios of each round."""
+    import statistics
     import time
 
-    rows = []
-    for name in names:
-        run_dir = os.path.join(C.out_dir, "speed", name)
-        extra = [f"--out_dir={run_dir}"]
-        if C.speed_steps:
-            extra += [f"--max_steps={C.speed_steps}", "--eval_interval=100000", "--sample_interval=100000"]
-        t0 = time.time()
-        subprocess.run(command(C, name, *extra), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=ROOT)
-        wall = time.time() - t0
-        inner = sorted(os.listdir(run_dir))[-1]
-        log = [json.loads(line) for line in open(os.path.join(run_dir, inner, "log.jsonl"))]
-        last = max(r["step"] for r in log)
-        rates = [r["train/images_per_s"] for r in log if "train/images_per_s" in r and r["step"] > last / 2]
-        rows.append((name, sum(rates) / len(rates), wall, last))
-        print(f"{name}: {rows[-1][1]:.1f} img/s, {wall:.0f} s for {last} steps", flush=True)
-    print(f"\n| variant | steps | img/s | wall time | img/s ratio to {rows[0][0]} | wall time ratio |")
-    print("|---|---|---|---|---|---|")
-    for name, rate, wall, last in rows:
-        print(f"| {name} | {last} | {rate:.1f} | {wall // 60:.0f} min {wall % 60:.0f} s | {rate / rows[0][1]:.2f} | {wall / rows[0][2]:.2f} |")
+    runs = {name: [] for name in names}  # name -> [(img/s, wall seconds, steps)], one per round
+    for rnd in range(C.speed_rounds):
+        for name in names:
+            run_dir = os.path.join(C.out_dir, "speed", name if C.speed_rounds == 1 else f"{name}-r{rnd}")
+            extra = [f"--out_dir={run_dir}"]
+            if C.speed_steps:
+                extra += [f"--max_steps={C.speed_steps}", "--eval_interval=100000", "--sample_interval=100000"]
+            t0 = time.time()
+            subprocess.run(command(C, name, *extra), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=ROOT)
+            wall = time.time() - t0
+            inner = sorted(os.listdir(run_dir))[-1]
+            log = [json.loads(line) for line in open(os.path.join(run_dir, inner, "log.jsonl"))]
+            last = max(r["step"] for r in log)
+            rates = [r["train/images_per_s"] for r in log if "train/images_per_s" in r and r["step"] > last / 2]
+            runs[name].append((sum(rates) / len(rates), wall, last))
+            print(f"round {rnd}: {name}: {runs[name][-1][0]:.1f} img/s, {wall:.0f} s for {last} steps", flush=True)
+    first = names[0]
+    print(f"\n| variant | steps | img/s | wall time | img/s ratio to {first} | wall time ratio |" +
+          (" img/s ratio by round |" if C.speed_rounds > 1 else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if C.speed_rounds > 1 else ""))
+    rate0, wall0 = (statistics.median(x[i] for x in runs[first]) for i in (0, 1))
+    for name, rows in runs.items():
+        rate, wall = (statistics.median(x[i] for x in rows) for i in (0, 1))
+        by_round = " " + ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(rows, runs[first])) + " |" if C.speed_rounds > 1 else ""
+        print(f"| {name} | {rows[0][2]} | {rate:.1f} | {wall // 60:.0f} min {wall % 60:.0f} s | {rate / rate0:.2f} | {wall / wall0:.2f} |" + by_round)
 
 
 def table(C, names, seeds):
@@ -194,6 +205,8 @@ def main(argv):
         raise UserError(f"--variants: unknown {', '.join(unknown)} in --study={C.study}; known: {', '.join(variants)}")
     seeds = [int(s) for s in C.train_seeds.split(",")]
     if C.speed:
+        if C.speed_rounds < 1:
+            raise UserError(f"--speed_rounds={C.speed_rounds}: give 1 or more rounds")
         return speed(C, names)
     if C.jobs == 0:  # a worker: judge the one run it was given
         return judge_run(C, names[0], seeds[0])

@@ -6,12 +6,14 @@ EMA update, logging, the loop's own Python). Goal: everything else < 5% of the l
 
     python -m benchmarks.profile_step                                             # 60 steps of the CPU recipe's model
     python -m benchmarks.profile_step --max_steps=100 --extra="--base_channels=32 --num_res_blocks=1 --batch_size=32"
+    python -m benchmarks.profile_step --extra="config/shapes_16px.py"                 # another recipe file
     python -m benchmarks.profile_step --load_stats=step.prof                      # re-read a profile saved with --save_stats
 
 The run: --dataset=shapes --text_encoder=minilm --wandb_mode=disabled, eval/sample/checkpoint
 intervals past max_steps (so evaluation runs only at step 0 and at the end, samples and the
 checkpoint only at the end), written to a temporary out_dir that is deleted afterwards (unless
---extra names an --out_dir); --extra is passed on to train_diffusion.py after these.
+--extra names an --out_dir); --extra is passed on to train_diffusion.py after these (a config file
+in it goes first, where train_diffusion.py wants it).
 
 The arithmetic, all from cProfile's cumulative times of calls made directly by train(), the function that
 holds the loop:
@@ -142,10 +144,12 @@ def main(argv):
     keep_out_dir = any(a.startswith("--out_dir=") for a in extra)
     out_dir = None if keep_out_dir else tempfile.mkdtemp(prefix="profile_step_")
     n = C.max_steps
-    args = ["--dataset=shapes", "--text_encoder=minilm", "--wandb_mode=disabled", f"--max_steps={n}",
-            f"--eval_interval={n + 1}", f"--sample_interval={n + 1}", f"--ckpt_interval={n + 1}"]
+    # train_diffusion.py takes config files before any --key=value: a recipe file in --extra goes first
+    files = [a for a in extra if not a.startswith("--")]
+    args = files + ["--dataset=shapes", "--text_encoder=minilm", "--wandb_mode=disabled", f"--max_steps={n}",
+                    f"--eval_interval={n + 1}", f"--sample_interval={n + 1}", f"--ckpt_interval={n + 1}"]
     args += [] if keep_out_dir else [f"--out_dir={out_dir}"]
-    args += extra
+    args += [a for a in extra if a.startswith("--")]
     print("train_diffusion.py " + shlex.join(args))
     # the script runs as it would from the shell, under `python -m cProfile`: scripts are not imported
     stats_path = C.save_stats or os.path.join(tempfile.mkdtemp(prefix="profile_stats_"), "step.prof")
