@@ -136,7 +136,7 @@ def configure(argv):
     if not C.resume:  # a resumed run is checked once its own settings are back (resume_run)
         check_consistency(C)  # before the banner: settings that do not fit together are the only line printed
     if cpu_recipe and not C.resume:  # a resumed run takes its own settings back instead
-        print(f"no GPU and no config file: training the CPU recipe ({os.path.relpath(CPU_RECIPE)}, about 13 min on 2 cores); "
+        print(f"no GPU and no config file: training the CPU recipe ({os.path.relpath(CPU_RECIPE)}, 9-13 min on 2 cores); "
               f"pass a config file, e.g. config/pokemon_gpu.py, to choose another", file=sys.stderr)
     return C, explicit
 
