@@ -161,14 +161,13 @@ def speed(C, names):
             runs[name].append((sum(rates) / len(rates), wall, last))
             print(f"round {rnd}: {name}: {runs[name][-1][0]:.1f} img/s, {wall:.0f} s for {last} steps", flush=True)
     first = names[0]
-    print(f"\n| variant | steps | img/s | wall time | img/s ratio to {first} | wall time ratio |" +
-          (" img/s ratio by round |" if C.speed_rounds > 1 else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if C.speed_rounds > 1 else ""))
+    print(f"\n| variant | steps | img/s | wall time | img/s ratio to {first} | wall time ratio | img/s ratio by round |")
+    print("|---|---|---|---|---|---|---|")
     rate0, wall0 = (statistics.median(x[i] for x in runs[first]) for i in (0, 1))
     for name, rows in runs.items():
         rate, wall = (statistics.median(x[i] for x in rows) for i in (0, 1))
-        by_round = " " + ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(rows, runs[first])) + " |" if C.speed_rounds > 1 else ""
-        print(f"| {name} | {rows[0][2]} | {rate:.1f} | {wall // 60:.0f} min {wall % 60:.0f} s | {rate / rate0:.2f} | {wall / wall0:.2f} |" + by_round)
+        by_round = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(rows, runs[first]))
+        print(f"| {name} | {rows[0][2]} | {rate:.1f} | {wall // 60:.0f} min {wall % 60:.0f} s | {rate / rate0:.2f} | {wall / wall0:.2f} | {by_round} |")
 
 
 def table(C, names, seeds):
