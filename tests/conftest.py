@@ -1,5 +1,10 @@
 """Shared fixtures. Tests never touch the network: the Hub is offline, W&B writes local runs.
-The repository root is on the import path through pytest.ini (pythonpath = .)."""
+The repository root is on the import path through pytest.ini (pythonpath = .).
+
+The suite means the same on every machine: no GPU is visible to the tests or their subprocesses
+(CUDA_VISIBLE_DEVICES is empty, set before torch looks), and the tiny runs name their device and
+their config file, so that `auto` never picks a GPU (or Apple's mps) and the CPU recipe is never
+merged in behind their back."""
 
 import json
 import os
@@ -12,9 +17,12 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by every subprocess (torchrun, kill -9, the CLI tests)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A tiny offline run: shapes, packaged MiniLM, 16 px, 256 images, a 2-level U-Net of base 32.
-TINY = ["--dataset=shapes", "--text_encoder=minilm", "--shapes_num_images=256", "--image_size=16", "--base_channels=32",
+TINY_CONFIG = os.path.join(ROOT, "tests", "tiny_run.py")
+# A tiny offline run on the CPU: shapes, packaged MiniLM, 16 px, 256 images, a 2-level U-Net of base 32 on
+# 2x2 patches (tests/tiny_run.py holds the settings not written here).
+TINY = [TINY_CONFIG, "--device=cpu", "--dataset=shapes", "--text_encoder=minilm", "--shapes_num_images=256", "--image_size=16", "--base_channels=32",
         "--channel_mults=1,2", "--num_res_blocks=1", "--attention_levels=1", "--n_heads=2", "--batch_size=16",
         "--wandb_mode=disabled", "--sample_steps=3", "--eval_images=32", "--warmup_steps=5", "--lr=1e-3"]
 
@@ -40,10 +48,11 @@ def small(tiny):
     """small(**over): the tiny run with 64 images, batch 4, a log line every step and no
     evaluation after step 0, any key overridden, as --key=value arguments."""
     def make(**over):
-        cfg = dict(a[2:].split("=", 1) for a in tiny)
+        files = [a for a in tiny if not a.startswith("--")]
+        cfg = dict(a[2:].split("=", 1) for a in tiny if a.startswith("--"))
         cfg.update(shapes_num_images=64, batch_size=4, log_interval=1, eval_interval=1000, sample_interval=1000)
         cfg.update(over)
-        return [f"--{k}={v}" for k, v in cfg.items()]
+        return files + [f"--{k}={v}" for k, v in cfg.items()]
     return make
 
 

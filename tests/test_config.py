@@ -455,3 +455,12 @@ def test_the_grid_holds_at_most_grid_max_images(tiny_checkpoint, tmp_path, monke
         with Image.open(tmp_path / "g" / f"{sd.NAME}{suffix}.png") as grid:
             assert grid.size == (3 * size + 4 * 2, size + 2 * 2), grid.size  # 3 images in one row, padding 2
     assert sum(f.startswith(sd.NAME + "_cfg_") for f in files) == 5  # every image is still written alone
+
+
+def test_the_tiny_runs_name_their_device_and_config_file(tiny, capsys):
+    """What the tiny tests cover is written in tests/, not merged from the CPU recipe on machines
+    without a GPU only; and no GPU is visible to the tests (conftest.py)."""
+    C, explicit = td.configure(tiny)
+    assert "no GPU and no config file" not in capsys.readouterr().err
+    assert C.device == "cpu" and {"patch_size", "prediction_type", "dropout"} <= explicit
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()

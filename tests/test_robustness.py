@@ -292,7 +292,7 @@ def test_unet_config_names_a_valid_image_size():
 
 
 @pytest.mark.parametrize("over, expected", [
-    # the tiny runs take the CPU recipe's patches of 2: three levels then need a multiple of 2 x 4
+    # the tiny runs take tests/tiny_run.py's patches of 2: three levels then need a multiple of 2 x 4
     (dict(image_size=30, channel_mults="1,2,2", attention_levels="1"), "after patches of 2 by channel_mults (1, 2, 2): use a multiple of 8 (e.g. 24)"),
     (dict(shapes_num_images=32, batch_size=64), "batch_size 64 is larger than the 31 training images per process: lower --batch_size"),
 ], ids=["image_size", "batch_size"])
