@@ -46,7 +46,7 @@ image_column = "image"  # column names for Hub datasets and folders
 caption_column = "text"
 image_size = 0  # 0: the dataset's default (32 for shapes, 64 otherwise)
 shapes_num_images = 20000  # how many images the built-in shapes dataset draws
-shapes_captions = "varied"  # shapes' wordings: varied (templates and synonyms) | six (the six templates of the first recipe)
+shapes_captions = "varied"  # shapes' wordings: varied (templates and synonyms: a user's own wording still works) | six (six fixed templates)
 val_fraction = 0.05  # share of the images held out for the validation loss (fixed seed)
 text_encoder = "auto"  # auto (CLIP if the Hub answers, else minilm) | minilm | a CLIP model id | a local model folder
 # model (the U-Net's UNetConfig; context_dim comes from the text encoder)
@@ -56,9 +56,9 @@ num_res_blocks = 2
 attention_levels = (1, 2, 3)
 n_heads = 4
 dropout = 0.1
-pos_embed = True  # fixed 2D sin-cos positions on the image tokens of every SpatialTransformer (README, ablation)
+pos_embed = True  # fixed 2D sin-cos positions on the image tokens of every SpatialTransformer: attention alone cannot tell where a token is
 coord_conv = False  # (x, y) coordinate channels into conv_in (CoordConv)
-patch_size = 1  # > 1: the U-Net works on p x p cells of pixels, about p^2 times cheaper (README, the 32 px recipe)
+patch_size = 1  # > 1: the U-Net works on p x p cells of pixels, about p^2 times cheaper a step; loss and samples stay at full size
 num_timesteps = 1000
 prediction_type = "v"  # what the U-Net predicts: v (the velocity, Salimans & Ho) | eps (the noise, Ho et al.)
 # training
@@ -77,7 +77,7 @@ eval_interval = 500  # validation loss (and shapes adherence) every this many st
 eval_images = 256  # validation images per evaluation (fixed timesteps and noise)
 sample_interval = 1000  # a grid of samples (EMA, CFG, fixed prompts and seed)
 sample_guidance = 3.0
-sample_guidance_t_min = 300  # guidance only at noise levels t >= this; below, the conditional model (README, the 32 px recipe)
+sample_guidance_t_min = 300  # guidance only at noise levels t >= this; below, the conditional model (guiding the nearly clean steps bends unseen pairs into seen ones)
 sample_steps = 50  # DDIM steps for samples and adherence
 sample_eta = 1.0  # DDIM's eta there (0 deterministic, 1 stochastic like DDPM)
 ckpt_interval = 1000
@@ -447,8 +447,8 @@ def global_batch_indices(step, n, global_batch, seed):
 def build_training(C, D, ckpt, sysinfo):
     dev = sysinfo.device
     model_cfg = dataclasses.replace(unet_config(C), context_dim=D.context_dim)
-    # NHWC: 1.25x the images/s of NCHW for the GPU recipe's U-Net on an H200, 1.05-1.13x for the CPU
-    # recipes on 2 cores (README, Results)
+    # NHWC: the recipes' U-Nets train faster in channels_last than in NCHW, on CUDA and on the CPU
+    # (docs/performance.md)
     layout = torch.channels_last
     model = UNet(model_cfg).to(dev, memory_format=layout)
     ema = UNet(model_cfg).to(dev, memory_format=layout).requires_grad_(False).eval()
@@ -634,7 +634,7 @@ def train(C, sysinfo, stop, ckpt, run_dir):
         if master and (step % C.eval_interval == 0 or last):
             t_eval = time.time()
             log, line = evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s)
-            log["eval/seconds"] = time.time() - t_eval  # its share of the run's minutes (README, the 32 px recipe)
+            log["eval/seconds"] = time.time() - t_eval  # logged so that evaluation's share of the run's minutes stays visible
             tqdm.write(line)
             write_log(run_dir, step, log)
             if wandb_run:
