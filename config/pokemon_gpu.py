@@ -1,7 +1,7 @@
 """The GPU recipe: Pokémon (BLIP captions) with CLIP's text encoder at 64 px, a 120 M-parameter
-U-Net (118.9 M with MiniLM's narrower tokens), 30,000 steps of 64 images a GPU (about 80 minutes
-on one H200, README). These are also the defaults of train_diffusion.py; this file names them,
-and sets the dataset instead of `auto`."""
+U-Net (118.9 M with MiniLM's narrower tokens), 30,000 steps of 64 images a GPU. How long it takes
+and what it draws have not been measured yet. These are also the defaults of train_diffusion.py;
+this file names them, and sets the dataset instead of `auto`."""
 dataset = "pokemon"
 text_encoder = "openai/clip-vit-base-patch32"
 image_size = 64

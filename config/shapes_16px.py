@@ -1,8 +1,7 @@
 """The quick CPU recipe, for checks and tests: the built-in shapes dataset and the packaged MiniLM
-text encoder at 16 px, a 1.2 M-parameter U-Net, 3000 steps of 32 images, 10-12 minutes on 2 cores
-(README, Results). v-prediction, positions on the image tokens and varied captions are what the
-README's adherence ablation chose. The README's recipe (config/shapes_cpu.py) trains the same
-U-Net at 32 px on 2x2 patches in about the same time."""
+text encoder at 16 px, a 1.2 M-parameter U-Net, 3000 steps of 32 images, roughly 10-12 minutes on
+2 cores. v-prediction, positions on the image tokens and varied captions, as in the CPU recipe
+(config/shapes_cpu.py), which trains the same U-Net at 32 px on 2x2 patches in about the same time."""
 dataset = "shapes"
 text_encoder = "minilm"
 shapes_captions = "varied"
