@@ -540,7 +540,7 @@ def sample(model, scheduler, cond, uncond=None, guidance_scale=1.0, sampler="ddp
     guidance_t_min: guidance only at noise levels t >= guidance_t_min; below, the conditional
         prediction alone (w = 1, one forward). Guidance in a limited interval (Kynkäänniemi et al.
         2024): on shapes, guiding the last, low-noise steps bends held-out color x shape pairs
-        toward seen ones (README, the 32 px recipe). 0 guides every step.
+        toward seen ones. 0 guides every step.
     generator: a seed, a CPU torch.Generator, or a list of B of them (one noise stream per image,
         so that an image does not depend on the batch it is drawn in). All noise is drawn on the
         CPU and then moved, so a seed gives the same images on every run (and device).

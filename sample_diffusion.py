@@ -26,8 +26,8 @@ from text_encoders import TextEncoder, embed_prompts
 # -----------------------------------------------------------------------------
 checkpoint = ""  # a ckpt.pt or a run folder; "" = the latest run in out_dir
 condition = "a large red circle in the center"  # the prompt; "" is the unconditional prompt (the model's own prior)
-guidance_scale = 3.0  # CFG weight w: out = out_u + w (out_c - out_u); 3 is as good as any scale on shapes (README)
-guidance_t_min = 300  # guide only at noise levels t >= this, the conditional model below; 0 guides every step (README)
+guidance_scale = 3.0  # CFG weight w: out = out_u + w (out_c - out_u); 3, the scale the recipes' samples are judged at
+guidance_t_min = 300  # guide only at noise levels t >= this, the conditional model below (guiding the nearly clean steps bends unseen pairs into seen ones); 0 guides every step
 num_images = 4  # images per file
 batch_size = 64  # images sampled at once (memory); the images do not depend on it
 sampler = "ddpm"  # ddpm (all T steps, Ho et al.) | ddim (Song et al., `steps` steps)

@@ -113,7 +113,7 @@ def caption(color, shape, size, position, phrasing=0):
     )
 
 
-# Varied captions ("varied", the default): the six phrasings above are all a
+# Varied captions ("varied", what every recipe trains on): the six phrasings above are all a
 # model ever reads with captions="six", and a user's own wording ("a big
 # circle in the upper left") then loses the position first. The varied set
 # adds word orders, synonyms and ways of naming a place. Each template takes
@@ -213,8 +213,10 @@ def render(color, shape, size, position, image_size=32, dx=0.0, dy=0.0, scale=1.
 def make_shapes_dataset(n, image_size=32, seed=0, held_out=False, captions="six"):
     """Generate `n` captioned images.
 
-    captions="six": one of the six PHRASINGS per image; "varied": VARIED_TEMPLATES with SYNONYMS
-    (drawn from a second random stream, so images and attributes are the same under both).
+    captions="six": one of the six PHRASINGS per image, whose words are the attribute names
+    themselves; "varied": VARIED_TEMPLATES with SYNONYMS, what the recipes train on (train_diffusion.py
+    passes its shapes_captions setting). The wordings come from a second random stream, so images and
+    attributes are the same under both.
 
     Returns (images, captions, attrs): images is a uint8 tensor
     (n, 3, image_size, image_size); captions a list of n strings; attrs a list
@@ -476,7 +478,10 @@ def sample_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, s
                      guidance_t_min=0):
     """Sample the judge's prompts (shapes.eval_prompts(), embedded as cond) with DDIM (or DDPM) at
     each guidance scale and judge the images. Returns {w: {"seen": {attr: frac}, "held_out": {attr: frac}}}.
-    eta = 1 by default: deterministic DDIM (eta = 0) scores well below DDPM on the same model (README).
+    eta = 1 by default, stochastic like DDPM. Deterministic DDIM (eta = 0) depends on the prediction
+    target: an eps-predicting model's first x0 guess at t = T-1 is noise that eta = 0 carries to the
+    end (position is lost), while a v-predicting model, as in the recipes, is judged the same as DDPM
+    on color, size and position with eta = 0.
     guidance_t_min: guidance only at t >= it (diffusion_model.sample)."""
     import contextlib
 
