@@ -31,6 +31,23 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains a model from scratch for minutes (deselect with -m 'not slow')")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """On a shared 2-core machine two intra-op threads keep waiting on each other: these tiny models
+    train 10-100x faster on one (torch here, OMP_NUM_THREADS for the scripts the tests start)."""
+    import torch  # here, not at the top: CUDA_VISIBLE_DEVICES is set before torch is imported
+
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # run_script passes os.environ on
+    yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+
+
 @pytest.fixture(scope="session")
 def root():
     """The repository's root folder (scripts run from there)."""

@@ -27,14 +27,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_T
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "config", "*.py")))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A shared 2-core machine: one intra-op thread (torch here, OMP_NUM_THREADS for subprocesses)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread on a shared 2-core machine
 
 
 # ----------------------------------------------------------------------------- the declared ranges, read independently

@@ -10,6 +10,8 @@ from diffusion_model import (CrossAttention, NoiseScheduler, ResnetBlock, Spatia
                              ddim_step, ddim_timesteps, diffusion_loss, guided_output, position_embedding_2d, sample,
                              timestep_embedding)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread on a shared 2-core machine
+
 TINY = dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), n_heads=2, context_dim=16)
 
 
@@ -358,26 +360,123 @@ def test_one_loss_reaches_every_parameter():
     assert not dead, f"parameters without gradient: {dead}"
 
 
+class GaussianOracle(torch.nn.Module):
+    """The exact predictor for data x_0 ~ N(mu, sigma^2 I), one mu per caption (row c of `mus` for a
+    context whose first number is c). For x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps,
+    E[x_0 | x_t] = mu + k (x_t - sqrt(abar) mu) with k = sqrt(abar) sigma^2 / (abar sigma^2 + 1 - abar);
+    eps and v follow from it. sigma = 0 is a point mass at mu."""
+
+    cfg = UNetConfig(image_size=8, base_channels=32, channel_mults=(1,), attention_levels=())
+
+    def __init__(self, sch, mus, sigma):
+        super().__init__()
+        self.sch, self.mus, self.sigma = sch, mus, sigma
+
+    def forward(self, x, t, context, mask):
+        abar = self.sch.alphas_cumprod[t][:, None, None, None]
+        mu = self.mus[context[:, 0, 0].long()]
+        x0 = mu + abar.sqrt() * self.sigma**2 / (abar * self.sigma**2 + 1 - abar) * (x - abar.sqrt() * mu)
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return (eps if self.sch.prediction_type == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * x0).float()
+
+
+def caption(c, B):
+    """Context rows that GaussianOracle reads as caption c."""
+    return torch.full((B, 1, 4), float(c)), torch.ones(B, 1, dtype=torch.bool)
+
+
+def chain(abars, eta, sigma):
+    """The sampler's chain on N(mu, sigma^2) data, worked out on paper: each DDIM step (Song et al.
+    Eq. 12; eta = 1 at all T steps is DDPM's posterior step) with the exact x_0 is affine,
+    x' = alpha x + beta mu + s z, so from x_T ~ N(0, 1) the output is A x_T + b mu + N(0, var).
+    abars: abar at the visited timesteps, then 1 (the clean image). Float64 scalars throughout."""
+    A, b, var = 1.0, 0.0, 0.0
+    for a_t, a_p in zip(abars[:-1], abars[1:]):
+        k = math.sqrt(a_t) * sigma**2 / (a_t * sigma**2 + 1 - a_t)  # x0 = k x + (1 - k sqrt(a_t)) mu
+        s2 = eta**2 * (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+        c = math.sqrt(max(0.0, 1 - a_p - s2)) / math.sqrt(1 - a_t)  # eps = (x - sqrt(a_t) x0) / sqrt(1 - a_t)
+        alpha = math.sqrt(a_p) * k + c * (1 - math.sqrt(a_t) * k)
+        beta = (math.sqrt(a_p) - c * math.sqrt(a_t)) * (1 - k * math.sqrt(a_t))
+        A, b, var = alpha * A, alpha * b + beta, alpha**2 * var + s2
+    return A, b, var
+
+
+def visited(sch, timesteps):
+    return [sch.alphas_cumprod[t].item() for t in timesteps] + [1.0]
+
+
+SIGMA = 0.1
+MU = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.2 - 0.1  # two captions' means, in [-0.1, 0.1]
+
+
+def assert_normal(x, mean, std, what):
+    """x (B, ...) is drawn from N(mean, std^2) per coordinate: the pooled standardized mean and std,
+    and every coordinate's batch mean, within 5 standard errors."""
+    z = (x - mean) / std
+    n, B = z.numel(), x.shape[0]
+    assert abs(z.mean().item()) < 5 / math.sqrt(n), (what, z.mean().item())
+    assert abs(z.std().item() - 1) < 5 / math.sqrt(2 * n), (what, z.std().item())
+    assert z.mean(0).abs().max().item() < 5 / math.sqrt(B) + 5 / math.sqrt(n), (what, z.mean(0).abs().max().item())
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "v"])
+def test_ddpm_and_ddim_eta1_on_gaussian_data_draw_the_moments_of_their_chain(prediction_type):
+    """Monte Carlo through sample() against the moments of the chain worked out in `chain`; DDPM-1000's
+    chain ends within 2.5% of the data's sigma (its variance drops Var(x_0 | x_t) at every step, the
+    gap Analytic-DPM closes), so DDPM-1000 draws the data distribution."""
+    sch, B = NoiseScheduler(1000, prediction_type), 1024
+    oracle = GaussianOracle(sch, MU, SIGMA)
+    for kw in (dict(sampler="ddpm"), dict(sampler="ddim", steps=100, eta=1.0), dict(sampler="ddim", steps=10, eta=1.0)):
+        steps = range(999, -1, -1) if kw["sampler"] == "ddpm" else ddim_timesteps(1000, kw["steps"])
+        A, b, var = chain(visited(sch, steps), 1.0, SIGMA)
+        x = sample(oracle, sch, caption(1, B), generator=0, **kw)
+        assert_normal(x, b * MU[1], math.sqrt(A**2 + var), kw)
+        if kw["sampler"] == "ddpm":
+            assert abs(b - 1) < 1e-3 and abs(math.sqrt(A**2 + var) / SIGMA - 1) < 0.025, (b, math.sqrt(A**2 + var))
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "v"])
+def test_ddim_eta0_on_gaussian_data_follows_the_probability_flow(prediction_type):
+    """For Gaussian data the probability-flow ODE keeps each coordinate's standardized value
+    (x_t - sqrt(abar_t) mu) / sqrt(abar_t sigma^2 + 1 - abar_t) (an affine flow between 1-D
+    Gaussians is the monotone map), so x_0 = mu + sigma (x_T - sqrt(abar_T) mu) / sqrt(abar_T sigma^2 + 1 - abar_T).
+    DDIM-1000 at eta 0 lands there within 6% of sigma (its first-order error); with 25 steps it is
+    exactly the chain's affine map, 0.1% of sigma."""
+    sch, B = NoiseScheduler(1000, prediction_type), 64
+    oracle = GaussianOracle(sch, MU, SIGMA)
+    for steps, tol in ((1000, 0.06), (25, 1e-3)):
+        start = {}
+        x = sample(oracle, sch, caption(1, B), sampler="ddim", steps=steps, eta=0.0, generator=2,
+                   callback=lambda i, t, x_t, x0: start.setdefault("x_T", x_t.clone()))
+        x_T, a_T = start["x_T"].double(), sch.alphas_cumprod[999].item()
+        if steps == 1000:
+            expected = MU[1] + SIGMA * (x_T - math.sqrt(a_T) * MU[1]) / math.sqrt(a_T * SIGMA**2 + 1 - a_T)
+        else:
+            A, b, _ = chain(visited(sch, ddim_timesteps(1000, steps)), 0.0, SIGMA)
+            expected = A * x_T + b * MU[1]
+        assert (x - expected).abs().max().item() < tol * SIGMA, (steps, (x - expected).abs().max().item() / SIGMA)
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "v"])
+def test_cfg_between_two_gaussians_lands_on_the_extrapolated_mean(prediction_type):
+    """Captions 1 and 0 (the unconditional one) are N(mu_1, sigma^2) and N(mu_0, sigma^2): x_0's
+    prediction is affine in mu, so guidance w predicts for N(mu_0 + w (mu_1 - mu_0), sigma^2) and
+    DDPM draws from that Gaussian's chain."""
+    sch, B, w = NoiseScheduler(1000, prediction_type), 512, 3.0
+    A, b, var = chain(visited(sch, range(999, -1, -1)), 1.0, SIGMA)
+    x = sample(GaussianOracle(sch, MU, SIGMA), sch, caption(1, B), caption(0, 1), guidance_scale=w, generator=1)
+    assert_normal(x, b * (MU[0] + w * (MU[1] - MU[0])), math.sqrt(A**2 + var), "cfg")
+
+
 @pytest.mark.parametrize("prediction_type", ["eps", "v"])
 def test_samplers_recover_the_single_image_of_a_point_mass(prediction_type):
-    """If the data is one image x*, the exact noise predictor is eps(x_t, t) = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t)
-    (and v = sqrt(abar_t) eps - sqrt(1 - abar_t) x*). With it every sampler, guided or not, must land on x*."""
+    """If the data is one image x* (sigma 0), every sampler, guided or not, must land on x*."""
     sch = NoiseScheduler(1000, prediction_type)
-    target = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-
-    class Oracle(torch.nn.Module):
-        cfg = UNetConfig(image_size=8, base_channels=32, channel_mults=(1,), attention_levels=())
-
-        def forward(self, x, t, context, mask):
-            abar = sch.alphas_cumprod[t][:, None, None, None]
-            eps = (x - abar.sqrt() * target) / (1 - abar).sqrt()
-            return eps if prediction_type == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * target
-
-    cond = (torch.zeros(2, 1, 4), torch.ones(2, 1, dtype=torch.bool))
+    oracle = GaussianOracle(sch, MU[1:].expand(2, -1, -1, -1), 0.0)
     for kw in (dict(sampler="ddpm"), dict(sampler="ddim", steps=25), dict(sampler="ddim", steps=10, eta=1.0)):
         for w in (1.0, 3.0):
-            out = sample(Oracle(), sch, cond, cond, guidance_scale=w, generator=0, **kw)
-            assert torch.allclose(out, target.expand_as(out), atol=1e-4), (kw, w)
+            out = sample(oracle, sch, caption(1, 2), caption(0, 1), guidance_scale=w, generator=0, **kw)
+            assert torch.allclose(out, MU[1:].expand_as(out), atol=1e-4), (kw, w)
 
 
 def test_a_checkpoint_without_prediction_type_predicts_eps():

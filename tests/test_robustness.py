@@ -29,20 +29,7 @@ import train_diffusion as td
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a shared 2-core machine two intra-op threads keep waiting on each other: these tiny models
-    train 10-100x faster on one (torch here, OMP_NUM_THREADS for the scripts the tests start)."""
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"  # run_script passes os.environ on
-    yield
-    torch.set_num_threads(threads)
-    if omp is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = omp
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread on a shared 2-core machine
 
 
 def user_error(fn, *args):
