@@ -152,6 +152,15 @@ def load_image_dataset(C):
     return torch.stack(images), captions, name, flips_allowed(captions)
 
 
+def split_indices(n, seed, val_fraction, eval_images):
+    """(val_idx, train_idx) of n images: one fixed permutation by `seed`, whose first
+    max(1, min(eval_images, n * val_fraction)) images are held out. The training script and the
+    quality benchmark both split this way, so they agree on which art was never trained on."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, min(eval_images, int(n * val_fraction)))
+    return perm[:n_val], perm[n_val:]
+
+
 def flips_allowed(captions):
     """Pokémon art and most captioned photos read the same mirrored; captions that speak of left
     and right do not. Whole words only: "bright", "copyright" and "upright" name no side."""

@@ -32,7 +32,7 @@ from checkpoints import CKPT_NAME, find_checkpoint, load_checkpoint, save_checkp
 from configurator import (UserError, check_ranges, hub_reachable, offline_banner, parse_config, pick_device, read_config_file,
                           run_cli)
 from diffusion_model import NoiseScheduler, UNet, UNetConfig, diffusion_loss, sample
-from image_data import load_image_dataset, save_grid
+from image_data import load_image_dataset, save_grid, split_indices
 from text_encoders import TextEncoder, embed_prompts, encode_captions, resolve_text_encoder
 
 # -----------------------------------------------------------------------------
@@ -410,9 +410,7 @@ def load_data(C, sysinfo):
     if sysinfo.master and n_cut:
         print(f"warning: {n_cut} captions are longer than {encoder.max_length} tokens and were cut", file=sys.stderr)
     ctx_table, ctx_mask, rows = encode_captions(encoder, captions)
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(C.seed))
-    n_val = max(1, min(C.eval_images, int(len(images) * C.val_fraction)))
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    val_idx, train_idx = split_indices(len(images), C.seed, C.val_fraction, C.eval_images)
     if len(train_idx) // sysinfo.world < C.batch_size:
         raise UserError(f"batch_size {C.batch_size} is larger than the {len(train_idx) // sysinfo.world} training images "
                         f"per process: lower --batch_size")
@@ -427,7 +425,21 @@ def load_data(C, sysinfo):
     else:
         D.sample_prompts = [captions[i] for i in val_idx[:8].tolist()]
     D.sample_cond, D.sample_uncond = embed_prompts(encoder, D.sample_prompts, dev)
+    D.real_art = None  # set by load_real_art on rank 0 for image datasets
     return D
+
+
+def load_real_art(C, D, sysinfo):
+    """The real side of the quality evaluation (image datasets, rank 0): features of the held-out
+    and the training art, computed once. Without the metric's packages training goes on without it."""
+    if C.dataset == "shapes" or not sysinfo.master:
+        return None
+    import image_quality
+
+    if not image_quality.available():
+        print(f"real-image evaluation is off (KID, copy check): {image_quality.INSTALL_HINT} to turn it on", file=sys.stderr)
+        return None
+    return image_quality.RealArt(image_quality.FeatureExtractor(sysinfo.device), D.val_images, D.train_images)
 
 
 def global_batch_indices(step, n, global_batch, seed):
@@ -525,7 +537,8 @@ def validation_loss(model, scheduler, images, ctx_table, ctx_mask, rows, batch, 
 
 
 def evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s):
-    """Validation loss, and on shapes the judge's adherence with and without guidance: (log, line)."""
+    """Validation loss; on shapes the judge's adherence with and without guidance; on image
+    datasets KID against the held-out art and the copy share (image_quality.py): (log, line)."""
     log = {"val/loss": validation_loss(M.model, M.scheduler, D.val_images, D.ctx_table, D.ctx_mask, D.val_rows, 2 * C.batch_size,
                                        sysinfo.autocast, C.min_snr_gamma)}
     line = f"step {step}: val loss {log['val/loss']:.4f}, train loss {loss_ema or float('nan'):.4f}, lr {lr_now:.2e}, {imgs_per_s:.0f} img/s"
@@ -539,6 +552,17 @@ def evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s):
         line += f" | adherence seen (w=0 -> w={w:g}): " + " ".join(
             f"{a} {adh[0.0]['seen'][a]:.2f}->{adh[w]['seen'][a]:.2f}" for a in ("color", "shape", "position", "size"))
         line += " | held-out color {:.2f}->{:.2f}".format(adh[0.0]["held_out"]["color"], adh[w]["held_out"]["color"])
+    if D.real_art is not None:  # one EMA sample per held-out caption, judged against the held-out art
+        t0 = time.time()
+        r = D.val_rows.to(D.ctx_table.device)
+        with sysinfo.autocast:
+            images = sample(M.ema, M.scheduler, (D.ctx_table[r], D.ctx_mask[r]), (D.ctx_table[:1], D.ctx_mask[:1]),
+                            guidance_scale=C.sample_guidance, sampler="ddim", steps=C.sample_steps, eta=C.sample_eta,
+                            generator=[torch.Generator().manual_seed(C.seed * 100003 + i) for i in range(len(r))],
+                            guidance_t_min=C.sample_guidance_t_min)  # per-image noise, as benchmarks.quality draws it
+        log.update({f"quality/{k}": v for k, v in D.real_art.score(images).items()})
+        log["quality/seconds"] = time.time() - t0
+        line += " | KID {:.2f} +- {:.2f}, copies {:.2f}".format(log["quality/kid"], log["quality/kid_std"], log["quality/copy_share"])
     return log, line
 
 
@@ -603,6 +627,7 @@ def train(C, sysinfo, stop, ckpt, run_dir):
     D = load_data(C, sysinfo)
     M = build_training(C, D, ckpt, sysinfo)
     del ckpt
+    D.real_art = load_real_art(C, D, sysinfo)
     if master:
         n_params = sum(p.numel() for p in M.model.parameters())
         print(f"run {run_dir} | {D.name}: {len(D.train_images)} train / {len(D.val_images)} val images at {C.image_size}px | "
