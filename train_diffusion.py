@@ -232,7 +232,13 @@ def gather_rng(sysinfo, state):
     return states
 
 
+class ReplicasDiverged(RuntimeError):
+    """The DDP ranks hold different weights: a bug, not the user's input (a traceback, not one line)."""
+
+
 def check_replicas_identical(sysinfo, model):
+    """Every rank compares a checksum of its weights (their sum and a position-weighted sum, so that
+    swapped entries count too) with rank 0's; all ranks raise ReplicasDiverged if any differs."""
     flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
     mine = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype).sin()).sum()])
     theirs = mine.clone()
@@ -240,7 +246,7 @@ def check_replicas_identical(sysinfo, model):
     same = torch.tensor([int(torch.equal(mine, theirs))], device=mine.device)
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     if not bool(same):
-        raise RuntimeError("DDP replicas diverged: the ranks hold different weights")
+        raise ReplicasDiverged("DDP replicas diverged: the ranks hold different weights")
     if sysinfo.master:
         print(f"all {sysinfo.world} ranks hold identical weights")
 

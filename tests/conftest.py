@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from types import SimpleNamespace
 
 import pytest
 
@@ -104,3 +106,28 @@ def train_in_process():
             signal.signal(signal.SIGINT, saved[0])
             signal.signal(signal.SIGTERM, saved[1])
     return train
+
+
+def _gloo_rank(rank, init_file, results, fn):
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results[rank] = fn(SimpleNamespace(ddp=True, rank=rank, world=2, master=rank == 0, device=torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def two_ranks():
+    """two_ranks(fn): fn(sysinfo) in two processes joined by gloo on the CPU, as torchrun would
+    join them; returns {rank: what fn returned}. fn must be a module-level function (or a partial)."""
+    def run(fn):
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as d:
+            results = mp.Manager().dict()
+            mp.spawn(_gloo_rank, args=(os.path.join(d, "init"), results, fn), nprocs=2)
+            return dict(results)
+    return run

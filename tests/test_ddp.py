@@ -1,11 +1,13 @@
 """torchrun with 2 CPU processes (gloo) runs the same train_diffusion.py as one process."""
 
+import functools
 import glob
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import checkpoints
 import train_diffusion as td
@@ -70,3 +72,23 @@ def test_ddp_checkpoint_resumes_under_torchrun_and_samples_unchanged(root, ddp_r
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert s.returncode == 0, s.stderr[-2000:]
     assert os.path.isfile(tmp_path / "generated_image_pokemon_cfg.png")
+
+
+def _replicas(sysinfo, perturb):
+    torch.manual_seed(0)  # the same weights on both ranks, as DDP's broadcast leaves them
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        if perturb == "nudge" and sysinfo.rank == 1:
+            model.weight[0, 0] += 1e-6
+        if perturb == "swap" and sysinfo.rank == 1:  # the same sum, other positions
+            model.weight[0, 0], model.weight[1, 1] = model.weight[1, 1].item(), model.weight[0, 0].item()
+    try:
+        td.check_replicas_identical(sysinfo, model)
+    except td.ReplicasDiverged:
+        return "diverged"
+    return "identical"
+
+
+@pytest.mark.parametrize("perturb, expected", [(None, "identical"), ("nudge", "diverged"), ("swap", "diverged")])
+def test_check_replicas_identical_raises_on_every_rank_when_one_differs(two_ranks, perturb, expected):
+    assert two_ranks(functools.partial(_replicas, perturb=perturb)) == {0: expected, 1: expected}

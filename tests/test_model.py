@@ -224,6 +224,18 @@ def test_position_options_keep_the_checkpoint_layout_loadable():
     pos.load_state_dict(plain.state_dict())
 
 
+def test_pos_embed_reaches_the_unets_output():
+    """The same weights with and without positions: the outputs differ (the flag is not lost on the way
+    into the SpatialTransformers), and two models with positions agree (the difference is the flag)."""
+    pos, plain, pos_again = tiny_unet(pos_embed=True), tiny_unet(pos_embed=False), tiny_unet(pos_embed=True)
+    plain.load_state_dict(pos.state_dict())
+    pos_again.load_state_dict(pos.state_dict())
+    x, t, (ctx, mask) = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 500]), text(2, 4)
+    out = pos(x, t, ctx, mask)
+    assert torch.equal(pos_again(x, t, ctx, mask), out)
+    assert (plain(x, t, ctx, mask) - out).abs().mean() > 1e-3 * out.abs().mean()
+
+
 # ----------------------------------------------------------------------------- attention
 
 def test_patches_are_the_small_unet_on_folded_pixels():

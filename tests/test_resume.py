@@ -4,13 +4,10 @@ run stays finished. In process (train_in_process), on tiny shapes runs."""
 import hashlib
 import os
 import signal
-import tempfile
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import checkpoints
 import configurator
@@ -160,9 +157,8 @@ def test_ctrl_c_while_loading_data_exits_cleanly_and_leaves_nothing(tiny, train_
 # ----------------------------------------------------------------------------- two ranks (gloo on CPU)
 
 
-def _two_ranks(rank, init_file, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    sysinfo = SimpleNamespace(ddp=True, rank=rank, world=2, master=rank == 0, device=torch.device("cpu"))
+def _auto_and_rng(sysinfo):
+    rank = sysinfo.rank
     # the `auto` decision: every rank takes rank 0's answer, whatever it would have found itself
     decided = td.from_rank0(sysinfo, "hub answers" if rank == 0 else "hub silent")
     # RNG: each rank saves its own state and gets it back, not rank 0's
@@ -171,12 +167,8 @@ def _two_ranks(rank, init_file, results):
     expected = torch.rand(3)  # what this rank draws next
     torch.manual_seed(999)
     td.restore_rng({"torch": states, "cuda": []}, sysinfo)
-    results[rank] = (decided, torch.equal(torch.rand(3), expected), len(states))
-    dist.destroy_process_group()
+    return decided, torch.equal(torch.rand(3), expected), len(states)
 
 
-def test_every_rank_takes_rank0s_auto_decision_and_its_own_rng_state():
-    with tempfile.TemporaryDirectory() as d:
-        results = mp.Manager().dict()
-        mp.spawn(_two_ranks, args=(os.path.join(d, "init"), results), nprocs=2)
-        assert dict(results) == {0: ("hub answers", True, 2), 1: ("hub answers", True, 2)}
+def test_every_rank_takes_rank0s_auto_decision_and_its_own_rng_state(two_ranks):
+    assert two_ranks(_auto_and_rng) == {0: ("hub answers", True, 2), 1: ("hub answers", True, 2)}

@@ -1,0 +1,152 @@
+"""The training loop's pieces against values computed another way: the EMA against its recurrence
+written out here, lr_at against the schedule's formulas, caption dropout and flips against the
+batches the loop feeds the loss, evaluation against a run without it. In process, on tiny runs."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import text_encoders
+import train_diffusion as td
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread on a shared 2-core machine
+
+
+def recorded_run(train_in_process, argv, monkeypatch, force_flips=False):
+    """Train argv in process and record what the loop did: the data D, the model before training,
+    its weights after every optimizer step, the EMA at the end, and each training batch that
+    reached the loss (x0, context, mask) in step order. emas[k]: the EMA after k updates."""
+    rec = SimpleNamespace(steps=[], emas=[], batches=[])
+    snapshot = lambda model: [p.detach().double().clone() for p in model.parameters()]
+    load_data, build_training, loss = td.load_data, td.build_training, td.diffusion_loss
+
+    def load(C, sysinfo):
+        rec.D = load_data(C, sysinfo)
+        rec.D.flip_ok = rec.D.flip_ok or force_flips
+        return rec.D
+
+    def build(C, D, ckpt, sysinfo):
+        rec.M = build_training(C, D, ckpt, sysinfo)
+        rec.start = snapshot(rec.M.model)
+
+        def after_step(*_):  # the loop updates the EMA after the optimizer's step: this sees the one before
+            rec.steps.append(snapshot(rec.M.model))
+            rec.emas.append(snapshot(rec.M.ema))
+        rec.M.optimizer.register_step_post_hook(after_step)
+        return rec.M
+
+    def recording_loss(model, scheduler, x0, context, mask, *args, **kw):
+        if model.training:  # validation runs in eval mode
+            rec.batches.append((x0.clone(), context.clone(), mask.clone()))
+        return loss(model, scheduler, x0, context, mask, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(td, "load_data", load)
+        m.setattr(td, "build_training", build)
+        m.setattr(td, "diffusion_loss", recording_loss)
+        rec.run_dir = train_in_process(argv)
+    rec.C, _ = td.configure(argv)
+    return rec
+
+
+def batch_images(rec, step):
+    """The images of training step `step` as the loop reads them: global_batch_indices of the step."""
+    idx = td.global_batch_indices(step, len(rec.D.train_images), rec.C.batch_size, rec.C.seed)
+    return rec.D.train_images[idx].float() / 127.5 - 1, rec.D.train_rows[idx]
+
+
+def assert_binomial(count, n, p, what):
+    """count ~ Binomial(n, p), within 4.5 standard deviations."""
+    assert abs(count - n * p) < 4.5 * math.sqrt(n * p * (1 - p)), (what, count, n, p)
+
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny, train_in_process, tmp_path_factory):
+    """One tiny run with caption dropout 0.3 and EMA decay 0.5 (its warmup (1 + k) / (10 + k) is the
+    smaller up to step 8, ema_decay after), one with flips forced on the shapes data."""
+    monkeypatch = pytest.MonkeyPatch()
+    argv = tiny + ["--p_uncond=0.3", "--ema_decay=0.5", f"--max_steps={STEPS}", "--batch_size=16"]
+    runs = {flips: recorded_run(train_in_process, argv + [f"--out_dir={tmp_path_factory.mktemp('loop')}"], monkeypatch, flips)
+            for flips in (False, True)}
+    monkeypatch.undo()
+    return runs
+
+
+def test_the_ema_is_its_warmed_up_recurrence(recorded):
+    rec = recorded[False]
+    assert len(rec.steps) == STEPS
+    ema = rec.start
+    for k, (weights, got) in enumerate(zip(rec.steps, rec.emas[1:] + [list(rec.M.ema.parameters())])):
+        decay = min(0.5, (1 + k) / (10 + k))
+        ema = [decay * e + (1 - decay) * w for e, w in zip(ema, weights)]
+        for expected, g in zip(ema, got):
+            assert torch.allclose(g.double(), expected, rtol=0, atol=1e-6), (k, (g - expected).abs().max())
+    assert not all(torch.equal(e, w) for e, w in zip(ema, rec.steps[-1]))  # the EMA is not the model
+
+
+def test_dropped_captions_are_the_empty_caption_at_the_rate_p_uncond(recorded):
+    rec = recorded[False]
+    D, dropped, n = rec.D, 0, 0
+    empty, empty_mask = text_encoders.TextEncoder("minilm", torch.device("cpu"))([""])
+    L = empty.shape[1]
+    assert torch.allclose(D.ctx_table[0, :L], empty[0], atol=1e-5) and torch.equal(D.ctx_mask[0, :L], empty_mask[0])
+    assert not D.ctx_mask[0, L:].any()  # row 0 is the empty caption: its padding is masked out
+    for step, (_, context, mask) in enumerate(rec.batches):
+        _, rows = batch_images(rec, step)
+        is_empty = (context == D.ctx_table[0]).flatten(1).all(1) & (mask == D.ctx_mask[0]).all(1)
+        is_own = (context == D.ctx_table[rows]).flatten(1).all(1) & (mask == D.ctx_mask[rows]).all(1)
+        assert (is_empty ^ is_own).all(), step  # each row is its own caption or the empty one, never another
+        dropped, n = dropped + int(is_empty.sum()), n + len(rows)
+    assert n == STEPS * 16
+    assert_binomial(dropped, n, 0.3, "dropped captions")
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["shapes_say_left_right", "flips_forced"])
+def test_flips_mirror_the_width_axis_and_never_when_captions_name_sides(recorded, forced):
+    rec = recorded[forced]
+    flipped = n = 0
+    for step, (x0, _, _) in enumerate(rec.batches):
+        images, _ = batch_images(rec, step)
+        same = (x0 == images).flatten(1).all(1)
+        mirrored = (x0 == images.flip(3)).flatten(1).all(1) & ~same  # dims (B, 3, H, W): 3 is the width
+        assert (same | mirrored).all(), step  # the image or its mirror image, nothing else (not flipped upside down)
+        flipped, n = flipped + int(mirrored.sum()), n + len(images)
+    if forced:
+        assert_binomial(flipped, n, 0.5, "flips")
+    else:
+        assert flipped == 0  # shapes' captions say left and right (image_data.flips_allowed)
+
+
+def test_evaluation_leaves_trainings_random_streams_alone(tiny, train_in_process, read_log, tmp_path):
+    """Evaluation and sample grids every 3 steps, or never: the same training losses to the bit.
+    Dropout 0.1 and DDIM eta 1 make both draw random numbers."""
+    losses = []
+    for every in (3, 1000):
+        run_dir = train_in_process(tiny + ["--dropout=0.1", "--sample_eta=1.0", "--max_steps=9", "--log_interval=1",
+                                           f"--eval_interval={every}", f"--sample_interval={every}", f"--out_dir={tmp_path / str(every)}"])
+        log = read_log(run_dir)
+        losses.append({r["step"]: r["train/loss"] for r in log if "train/loss" in r})
+        assert sum("val/loss" in r for r in log) == (4 if every == 3 else 2)  # steps 0, 3, 6, 9 / 0 and the end
+    assert losses[0] == losses[1] and len(losses[0]) == 9
+
+
+def test_lr_schedule_against_its_formulas():
+    C = SimpleNamespace(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100)
+    cosine = lambda s, end: C.min_lr + 0.5 * (C.lr - C.min_lr) * (1 + math.cos(math.pi * (s - C.warmup_steps) / (end - C.warmup_steps)))
+    assert td.lr_at(0, C) == pytest.approx(C.lr / 100) and td.lr_at(49, C) == pytest.approx(C.lr / 2)  # linear warmup
+    assert td.lr_at(99, C) == pytest.approx(C.lr) and td.lr_at(100, C) == pytest.approx(C.lr)  # warmup ends at the peak
+    assert td.lr_at(600, C) == pytest.approx((C.lr + C.min_lr) / 2)  # the cosine's midpoint
+    decay = [td.lr_at(s, C) for s in range(100, 1101)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decreasing to the end
+    assert decay[-1] == pytest.approx(C.min_lr) and td.lr_at(5000, C) == pytest.approx(C.min_lr)
+    for s in (137, 480, 1099):
+        assert td.lr_at(s, C) == pytest.approx(cosine(s, 1100))
+    C.max_steps = 2100  # raised on resume: the cosine stretches to the new end from where the run is
+    for s in (600, 1100, 1600, 2099):
+        assert td.lr_at(s, C) == pytest.approx(cosine(s, 2100))
+    assert td.lr_at(1100, C) == pytest.approx((C.lr + C.min_lr) / 2)
