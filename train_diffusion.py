@@ -662,7 +662,14 @@ def train(C, sysinfo, stop, ckpt, run_dir):
             kept = f"the last good checkpoint (step {last_good_step}) in {run_dir} is kept" if last_good_step > 0 else "no checkpoint was written yet"
             raise UserError(f"the loss or the gradients became NaN or inf before step {step}: training stopped; {kept}. "
                             f"Lower --lr or raise --warmup_steps")
-        if master and (step % C.eval_interval == 0 or last):
+        # the checkpoint first: a stop signal (a scheduler's grace period) must not wait for an evaluation,
+        # which a stopped run skips (resuming evaluates this step); evaluation leaves training's random streams alone
+        if saving:
+            state = checkpoint_state(C, M, D, step, sysinfo, wandb_run)  # a collective: every rank takes part
+            if master:
+                save_checkpoint(os.path.join(run_dir, CKPT_NAME), state)
+            last_good_step = step
+        if master and (step % C.eval_interval == 0 or last) and not stopping:
             t_eval = time.time()
             log, line = evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s)
             log["eval/seconds"] = time.time() - t_eval  # logged so that evaluation's share of the run's minutes stays visible
@@ -670,7 +677,7 @@ def train(C, sysinfo, stop, ckpt, run_dir):
             write_log(run_dir, step, log)
             if wandb_run:
                 wandb_run.log(log, step=step)
-        if master and ((step % C.sample_interval == 0 and step > 0) or last):
+        if master and ((step % C.sample_interval == 0 and step > 0) or last) and not stopping:
             with sysinfo.autocast:
                 grid = sample(ema, M.scheduler, D.sample_cond, D.sample_uncond, guidance_scale=C.sample_guidance, sampler="ddim",
                               steps=C.sample_steps, eta=C.sample_eta, generator=C.seed, guidance_t_min=C.sample_guidance_t_min)
@@ -680,11 +687,6 @@ def train(C, sysinfo, stop, ckpt, run_dir):
                 import wandb
 
                 wandb_run.log({"samples": wandb.Image(grid_path, caption=" | ".join(D.sample_prompts))}, step=step)
-        if saving:
-            state = checkpoint_state(C, M, D, step, sysinfo, wandb_run)  # a collective: every rank takes part
-            if master:
-                save_checkpoint(os.path.join(run_dir, CKPT_NAME), state)
-            last_good_step = step
         if last or stopping:
             break
 

@@ -14,6 +14,8 @@ import configurator
 import image_data
 import train_diffusion as td
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread on a shared 2-core machine
+
 # A custom run: every setting that differs from the CPU recipe must come back from the checkpoint.
 # Dropout makes the step depend on the CPU RNG state, which must be restored too.
 CUSTOM = ["--lr=5e-4", "--min_lr=5e-5", "--batch_size=8", "--dropout=0.1", "--p_uncond=0.2", "--ema_decay=0.99",
@@ -21,15 +23,18 @@ CUSTOM = ["--lr=5e-4", "--min_lr=5e-5", "--batch_size=8", "--dropout=0.1", "--p_
 
 
 def stop_at(monkeypatch, k):
-    """Press Ctrl-C (a real SIGINT to this process) during step k - 1: the loop stops at step k."""
-    real = td.stop_requested
+    """Press Ctrl-C (a real SIGINT to this process) during step k - 1: the loop stops at step k.
+    Returns a list that holds the step once the signal was sent."""
+    real, sent = td.stop_requested, []
 
     def check(sysinfo, sig, step, every):
         if step == k - 1:
             os.kill(os.getpid(), signal.SIGINT)
+            sent.append(step)
         return real(sysinfo, sig, step, every)
 
     monkeypatch.setattr(td, "stop_requested", check)
+    return sent
 
 
 def tree_digest(folder):
@@ -73,6 +78,23 @@ def test_bare_resume_reproduces_the_uninterrupted_custom_run(tiny, train_in_proc
         for name in b[part]:
             assert torch.equal(a[part][name], b[part][name]), (part, name)
     assert a["config"]["lr"] == 5e-4 and a["config"]["batch_size"] == 8 and "lr_schedule" not in a
+
+
+class Killed(BaseException):
+    """The scheduler's SIGKILL after its grace period, simulated: nothing catches it."""
+
+
+@pytest.mark.parametrize("busy", ["evaluate", "save_grid"])
+def test_a_stop_signal_on_an_evaluation_step_saves_before_evaluating(tiny, train_in_process, tmp_path, monkeypatch, busy):
+    """The signal lands on step 6, an evaluation and sample-grid step: the checkpoint of step 6 is
+    written before any evaluation or grid, so a kill that comes while one runs loses nothing."""
+    sent = stop_at(monkeypatch, 6)
+    real = getattr(td, busy)
+    monkeypatch.setattr(td, busy, lambda *a, **k: (_ for _ in ()).throw(Killed()) if sent else real(*a, **k))
+    with pytest.raises((SystemExit, Killed)):
+        train_in_process(tiny + ["--max_steps=20", "--eval_interval=3", "--sample_interval=3", f"--out_dir={tmp_path}"])
+    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    assert checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["step"] == 6
 
 
 def test_a_finished_run_is_left_untouched(uninterrupted, train_in_process, tmp_path, capsys):
