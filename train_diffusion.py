@@ -108,9 +108,10 @@ RANGES = dict(
 )
 MODEL_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attention_levels", "n_heads", "dropout", "pos_embed",
               "coord_conv", "patch_size")
-# keys a resumed run must keep: changing them mid-run would train another model on other data
+# keys a resumed run must keep: changing them mid-run would train another model on other data (val_fraction and
+# eval_images split the images: another value would move trained-on images into validation)
 RUN_KEYS = MODEL_KEYS + ("dataset", "image_column", "caption_column", "image_size", "shapes_num_images", "shapes_captions",
-                         "val_fraction", "text_encoder", "num_timesteps", "prediction_type", "seed")
+                         "val_fraction", "eval_images", "text_encoder", "num_timesteps", "prediction_type", "seed")
 # keys that describe this invocation, not the run: never taken from a checkpoint
 SESSION_KEYS = ("resume", "out_dir", "device")
 # what runs saved before these keys existed trained with
@@ -279,33 +280,58 @@ def install_stop_handlers():
 def resume_run(C, explicit, sysinfo):
     """Load the checkpoint to resume (or None), and set C to the run's stored settings except
     those given explicitly. Identity keys (RUN_KEYS) must not change; other explicit changes are
-    allowed and printed. Returns (ckpt, run_dir)."""
+    allowed and printed. Rank 0 takes the run's lock before reading the checkpoint: a process that
+    saves and exits meanwhile has its last checkpoint read, not the one before. Returns
+    (ckpt, run_dir, lock); on an error the lock is released."""
     if not C.resume:
-        return None, None
-    # rank 0 finds the checkpoint and every rank resumes that one
-    path = from_rank0(sysinfo, find_checkpoint(C.out_dir if C.resume == "auto" else C.resume) if sysinfo.master else None)
-    if path is None:
-        if C.resume != "auto":
-            raise UserError(f"--resume={C.resume}: no checkpoint there (pass a ckpt.pt, a run folder, or auto)")
-        if sysinfo.master:
-            print(f"resume=auto: no run in {C.out_dir} yet, starting a new one")
-        check_consistency(C)
-        return None, None
-    ckpt = load_checkpoint(path)
-    stored = {**DEFAULTS, **RUN_DEFAULTS_BEFORE_KEY, **ckpt.get("config", {})}
-    for k in CONFIG_KEYS:
-        if k in SESSION_KEYS:
-            continue
-        if k in explicit and getattr(C, k) != stored[k]:
-            if k in RUN_KEYS:
-                raise UserError(f"--{k}={getattr(C, k)} differs from the resumed run's {stored[k]}: drop it or start a new run")
+        return None, None, None
+    lock = None
+    try:
+        # rank 0 finds the checkpoint and locks its run; every rank then resumes that one
+        path = find_checkpoint(C.out_dir if C.resume == "auto" else C.resume) if sysinfo.master else None
+        if path is not None:
+            lock = lock_run(os.path.dirname(os.path.abspath(path)))
+        path = from_rank0(sysinfo, path)
+        if path is None:
+            if C.resume != "auto":
+                raise UserError(f"--resume={C.resume}: no checkpoint there (pass a ckpt.pt, a run folder, or auto)")
             if sysinfo.master:
-                print(f"resuming with {k} {getattr(C, k)} instead of {stored[k]}")
-            continue
-        setattr(C, k, stored[k])
-    check_ranges(vars(C), RANGES)  # a checkpoint's settings are checked like the command line's
-    check_consistency(C)
-    return ckpt, os.path.dirname(os.path.abspath(path))
+                print(f"resume=auto: no run in {C.out_dir} yet, starting a new one")
+            check_consistency(C)
+            return None, None, None
+        ckpt = load_checkpoint(path)
+        missing = [k for k in ("ema", "optimizer", "rng") if k not in ckpt]
+        if missing:
+            raise UserError(f"{path} holds no {', '.join(missing)}: it cannot be resumed exactly; sample from it with "
+                            f"sample_diffusion.py, or start a new run (drop --resume)")
+        stored = {**DEFAULTS, **RUN_DEFAULTS_BEFORE_KEY, **ckpt.get("config", {})}
+        for k in CONFIG_KEYS:
+            if k in SESSION_KEYS:
+                continue
+            if k in explicit and getattr(C, k) != stored[k]:
+                if k in RUN_KEYS:
+                    raise UserError(f"--{k}={getattr(C, k)} differs from the resumed run's {stored[k]}: drop it or start a new run")
+                if sysinfo.master:
+                    print(f"resuming with {k} {getattr(C, k)} instead of {stored[k]}")
+                continue
+            setattr(C, k, stored[k])
+        check_ranges(vars(C), RANGES)  # a checkpoint's settings are checked like the command line's
+        check_consistency(C)
+        check_layout(C, ckpt["model_args"], path)
+        return ckpt, os.path.dirname(os.path.abspath(path)), lock
+    except BaseException:
+        release_lock(lock)
+        raise
+
+
+def check_layout(C, model_args, path):
+    """The U-Net that the run's settings describe must be the one whose weights the checkpoint
+    holds: pos_embed adds no weights, so a mismatch there would load silently as another model."""
+    for k in MODEL_KEYS:
+        saved, mine = model_args.get(k, getattr(C, k)), getattr(C, k)
+        if (tuple(saved) if isinstance(saved, list) else saved) != mine:
+            raise UserError(f"{path}: its weights are a U-Net with {k}={saved} but its settings say {mine}: the checkpoint "
+                            f"was edited or written by another version; start a new run (drop --resume)")
 
 
 # -----------------------------------------------------------------------------
@@ -607,7 +633,7 @@ def main(argv):
     stop = install_stop_handlers()
     lock = created = None
     try:
-        ckpt, run_dir = resume_run(C, explicit, sysinfo)
+        ckpt, run_dir, lock = resume_run(C, explicit, sysinfo)
         if ckpt is not None and ckpt["step"] >= C.max_steps:  # finished: touch nothing
             if sysinfo.master:
                 print(f"run {run_dir} finished at step {ckpt['step']} (max_steps {C.max_steps}); nothing to do. "
@@ -615,7 +641,7 @@ def main(argv):
             return run_dir
         torch.manual_seed(C.seed + sysinfo.rank)
         resolve_auto(C, sysinfo)
-        if sysinfo.master:  # the run folder is taken before any slow work, so that a second writer learns at once
+        if sysinfo.master and lock is None:  # a new run's folder is taken before any slow work, so that a second writer learns at once
             if run_dir is None:
                 run_dir = created = new_run_dir(C.out_dir, os.path.basename(C.dataset.rstrip("/")))
             lock = lock_run(run_dir)

@@ -128,13 +128,65 @@ def test_raising_max_steps_continues_and_other_explicit_changes_are_printed(unin
     assert logged[-4]["train/lr"] == pytest.approx(td.lr_at(16, C)) and td.lr_at(16, C) > C.min_lr
 
 
-def test_identity_keys_cannot_change_on_resume(uninterrupted, train_in_process, tmp_path):
+def copied_run(uninterrupted, tmp_path):
+    """A copy of the uninterrupted run (16 of 16 steps) as the only run of out_dir: (out_dir, its ckpt.pt)."""
     import shutil
 
-    ref_dir, _ = uninterrupted
-    shutil.copytree(ref_dir, tmp_path / "out" / "run")
-    with pytest.raises(configurator.UserError, match="--base_channels=64 differs from the resumed run's 32"):
-        train_in_process(["--resume=auto", f"--out_dir={tmp_path / 'out'}", "--base_channels=64", "--max_steps=20"])
+    shutil.copytree(uninterrupted[0], tmp_path / "out" / "run")
+    return tmp_path / "out", tmp_path / "out" / "run" / "ckpt.pt"
+
+
+def assert_refused_untouched(train_in_process, argv, ckpt_path, expected):
+    """Resuming with argv is one line naming `expected`; the checkpoint is unchanged and no lock is left."""
+    before = ckpt_path.read_bytes()
+    with pytest.raises(configurator.UserError) as e:
+        train_in_process(argv)
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert ckpt_path.read_bytes() == before and not (ckpt_path.parent / "run.lock").exists()
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("--base_channels=64", "--base_channels=64 differs from the resumed run's 32"),
+    # the validation split: another value would move trained-on images into validation
+    ("--eval_images=16", "--eval_images=16 differs from the resumed run's 32"),
+    ("--val_fraction=0.1", "--val_fraction=0.1 differs from the resumed run's 0.05"),
+])
+def test_identity_keys_cannot_change_on_resume(uninterrupted, train_in_process, tmp_path, arg, expected):
+    out, ckpt = copied_run(uninterrupted, tmp_path)
+    assert_refused_untouched(train_in_process, ["--resume=auto", f"--out_dir={out}", arg, "--max_steps=20"], ckpt, expected)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: c["model_args"].update(pos_embed=False), "weights are a U-Net with pos_embed=False but its settings say True"),
+    (lambda c: c["model_args"].update(patch_size=1), "weights are a U-Net with patch_size=1 but its settings say 2"),
+    (lambda c: c.pop("ema"), "holds no ema: it cannot be resumed exactly"),
+    (lambda c: [c.pop("optimizer"), c.pop("rng")], "holds no optimizer, rng: it cannot be resumed exactly"),
+], ids=["pos_embed", "patch_size", "no_ema", "no_optimizer_rng"])
+def test_a_checkpoint_that_does_not_fit_its_settings_is_one_line(uninterrupted, train_in_process, tmp_path, edit, expected):
+    out, ckpt_path = copied_run(uninterrupted, tmp_path)
+    ckpt = checkpoints.load_checkpoint(str(ckpt_path))
+    edit(ckpt)
+    checkpoints.save_checkpoint(str(ckpt_path), ckpt)
+    assert_refused_untouched(train_in_process, ["--resume=auto", f"--out_dir={out}", "--max_steps=20"], ckpt_path, expected)
+
+
+def test_resume_locks_the_run_before_reading_its_checkpoint(uninterrupted, train_in_process, tmp_path, monkeypatch, capsys):
+    """The run's holder saves step 20 and exits just before this process takes the lock: this process
+    must read that checkpoint (finished at 20: nothing to do), not train on from step 16 over it."""
+    out, ckpt_path = copied_run(uninterrupted, tmp_path)
+    real, holders = td.lock_run, []
+
+    def holder_saves_and_exits_first(run_dir):
+        ckpt = checkpoints.load_checkpoint(str(ckpt_path))
+        ckpt["step"] = 20
+        checkpoints.save_checkpoint(str(ckpt_path), ckpt)
+        holders.append(ckpt_path.read_bytes())
+        return real(run_dir)
+
+    monkeypatch.setattr(td, "lock_run", holder_saves_and_exits_first)
+    train_in_process(["--resume=auto", f"--out_dir={out}", "--max_steps=20"])
+    assert "finished at step 20 (max_steps 20); nothing to do" in capsys.readouterr().out
+    assert ckpt_path.read_bytes() == holders[0]  # the holder's checkpoint, not overwritten
 
 
 def test_the_end_test_is_step_at_least_max_steps():
