@@ -354,12 +354,12 @@ def new_run_dir(out_dir, name):
 
 def lock_run(run_dir):
     """Take the run folder for this process: run.lock holds pid and host, created with O_EXCL so
-    that of two processes exactly one gets it. A lock left by a dead process on this host is taken
-    over with a warning (under an flock of the folder, so that of two processes taking it over, one
-    does and the other then sees it held); a live one is an error naming its holder. Returns the
-    lock's path."""
-    import fcntl
-
+    that of two processes exactly one gets it (on Linux, macOS and Windows). A lock left on this host
+    by a process that is gone, or that holds this process's own pid (a restarted container numbers
+    its processes anew), is taken over with a warning, under a second lock (filelock) so that of two
+    processes taking it over one does and the other then sees it held. A live holder is an error
+    naming it; a holder on another host cannot be checked from here, and the error says how to take
+    the run over once that host is checked. Returns the lock's path."""
     path = os.path.join(run_dir, "run.lock")
     for _ in range(50):
         try:
@@ -370,22 +370,35 @@ def lock_run(run_dir):
                 time.sleep(0.1)
                 continue
             pid, host = holder
-            if host != socket.gethostname() or pid_alive(pid):
+            if host != socket.gethostname():
+                raise UserError(f"run {run_dir} is locked by process {pid} on host {host}, which this host cannot check: "
+                                f"if no process on {host} trains this run any more, delete {path} and rerun")
+            if pid != os.getpid() and pid_alive(pid):
                 raise UserError(f"run {run_dir} is in use by process {pid} on {host}: wait for it to end, stop it, "
                                 f"or start a new run (drop --resume)")
-            folder = os.open(run_dir, os.O_RDONLY)
-            try:
-                fcntl.flock(folder, fcntl.LOCK_EX)
-                if read_lock(path) == holder:  # still the dead one's: nobody took it over meanwhile
-                    print(f"warning: {run_dir} was locked by process {pid}, which is gone: taking the run over", file=sys.stderr)
-                    os.remove(path)
-            finally:
-                os.close(folder)  # closing releases the flock
+            take_over_stale_lock(path, holder)
             continue
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()} {socket.gethostname()}\n")
         return path
-    raise UserError(f"could not take the lock {path}: remove it if no process is training this run")
+    raise UserError(f"could not take the lock {path}: delete it if no process is training this run, then rerun")
+
+
+def take_over_stale_lock(path, holder):
+    """Remove run.lock if it still holds `holder` (a process that is gone). The check and the removal
+    run under a filelock, so that two processes never both remove: the second one finds the first's
+    new lock. The guard file is deleted afterwards (a guard taken meanwhile on the deleted file still
+    finds the stale lock gone)."""
+    import filelock
+
+    guard = filelock.FileLock(path + ".takeover", timeout=30)
+    with guard:
+        if read_lock(path) == holder:  # still the stale one: nobody took it over meanwhile
+            print(f"warning: {os.path.dirname(path)} was locked by process {holder[0]}, which is gone: taking the run over",
+                  file=sys.stderr)
+            os.remove(path)
+    with contextlib.suppress(OSError):
+        os.remove(path + ".takeover")
 
 
 def read_lock(path):
@@ -398,6 +411,19 @@ def read_lock(path):
 
 
 def pid_alive(pid):
+    """Is process `pid` of this host running? On Windows os.kill would end it: ask the kernel instead."""
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # access denied: it exists
+        try:
+            code = ctypes.c_ulong()
+            return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -470,6 +496,10 @@ def load_real_art(C, D, sysinfo):
 
     if not image_quality.available():
         print(f"real-image evaluation is off (KID, copy check): {image_quality.INSTALL_HINT} to turn it on", file=sys.stderr)
+        return None
+    if len(D.val_images) < 2:
+        print(f"real-image evaluation is off: KID needs 2 or more held-out images, not {len(D.val_images)} "
+              f"(raise --val_fraction)", file=sys.stderr)
         return None
     return image_quality.RealArt(image_quality.FeatureExtractor(sysinfo.device), D.val_images, D.train_images)
 

@@ -359,8 +359,9 @@ def dead_pid():
     return p.pid
 
 
-def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over_with_a_warning(capsys, tmp_path):
-    pid = dead_pid()
+@pytest.mark.parametrize("holder", ["dead", "own"], ids=["a_dead_process", "this_process_pid_after_a_container_restart"])
+def test_a_stale_lock_on_this_host_is_taken_over_with_a_warning(capsys, tmp_path, holder):
+    pid = dead_pid() if holder == "dead" else os.getpid()
     lock = tmp_path / "run.lock"
     lock.write_text(f"{pid} {socket.gethostname()}\n")
     capsys.readouterr()
@@ -370,26 +371,52 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over_with_a_warning
     assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
     assert f"locked by process {pid}, which is gone: taking the run over" in err and err.startswith("warning:"), err
     td.release_lock(path)
-    assert not lock.exists()
+    assert os.listdir(tmp_path) == []  # neither the lock nor the takeover's guard is left
 
 
-def test_a_live_lock_or_one_from_another_host_is_one_line_and_left_alone(tmp_path):
-    """A live holder on this host, or any holder on another host (whose pids this host cannot see)."""
+def assert_lock_refused(tmp_path, holder, host, expected):
+    """A run.lock of (holder, host) is refused in one line with `expected`, and left as it was."""
     lock = tmp_path / "run.lock"
+    lock.write_text(f"{holder} {host}\n")
+    with pytest.raises(configurator.UserError) as e:
+        td.lock_run(str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and expected in msg, msg
+    assert lock.read_text() == f"{holder} {host}\n"  # not taken, not removed
+    td.release_lock(str(lock))  # another process's lock: release_lock leaves it
+    assert lock.exists()
+
+
+def test_a_live_lock_on_this_host_is_one_line_and_left_alone(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        for holder, host in ((live.pid, socket.gethostname()), (dead_pid(), "some-other-host")):
-            lock.write_text(f"{holder} {host}\n")
-            with pytest.raises(configurator.UserError) as e:
-                td.lock_run(str(tmp_path))
-            msg = str(e.value)
-            assert "\n" not in msg and f"run {tmp_path} is in use by process {holder} on {host}" in msg, msg
-            assert lock.read_text() == f"{holder} {host}\n"  # not taken, not removed
-            td.release_lock(str(lock))  # another process's lock: release_lock leaves it
-            assert lock.exists()
+        assert_lock_refused(tmp_path, live.pid, socket.gethostname(), f"run {tmp_path} is in use by process {live.pid} on {socket.gethostname()}")
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_lock_from_another_host_names_the_file_to_delete_after_checking_that_host(tmp_path):
+    """This host cannot see another host's processes (a node that died, a new container): the line
+    says what to check and which file to delete."""
+    pid = dead_pid()
+    assert_lock_refused(tmp_path, pid, "some-other-host", f"locked by process {pid} on host some-other-host, which this host "
+                        f"cannot check: if no process on some-other-host trains this run any more, delete {tmp_path / 'run.lock'} and rerun")
+
+
+def test_the_lock_takes_no_posix_only_module_and_probes_liveness_without_os_kill_on_windows(monkeypatch):
+    """train_diffusion starts on Windows: no fcntl, and pid_alive does not call os.kill there, where it
+    would end the process it asks about."""
+    import ast
+    import inspect
+
+    imported = {a.name.split(".")[0] for n in ast.walk(ast.parse(inspect.getsource(td))) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])}
+    assert not imported & {"fcntl", "termios", "pwd", "grp", "resource"}, imported
+    monkeypatch.setattr(os, "name", "nt")
+    monkeypatch.setattr(os, "kill", lambda *a: pytest.fail("os.kill on Windows ends the process"))
+    with pytest.raises((AttributeError, OSError)):  # no kernel32 here: it got as far as asking Windows
+        td.pid_alive(os.getpid())
 
 
 def test_two_run_folders_in_the_same_second_are_two_folders(tmp_path, monkeypatch):
