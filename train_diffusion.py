@@ -747,7 +747,8 @@ def train(C, sysinfo, stop, ckpt, run_dir):
             break
 
         # forward, backward, step. All randomness of step k is drawn for the global batch from
-        # (seed, k) and each rank takes its slice: resumable, and identical to one big process.
+        # (seed, k) and each rank takes its slice: resumable, and identical to one big process except for
+        # dropout's masks, which each rank draws from its own RNG stream (restored per rank on resume).
         t_step = time.time()
         G, B = C.batch_size * sysinfo.world, C.batch_size
         g = torch.Generator(device=dev).manual_seed(C.seed * 1_000_003 + step)
