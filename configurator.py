@@ -181,13 +181,27 @@ def parse_config(argv, defaults, ranges=None):
 # Where the scripts run: the device, and whether the Hub answers (decides `auto`)
 
 
+DEVICES = ("auto", "cuda", "mps", "cpu")  # the --device choices of both scripts
+
+
+def mps_available():
+    """Apple's Metal GPU (torch's mps backend), on a Mac with a torch built for it."""
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
 def pick_device(name):
-    """--device=auto|cuda|cpu -> torch.device("cuda") or torch.device("cpu"); auto takes a GPU if one is visible."""
-    if name not in ("auto", "cuda", "cpu"):
-        raise UserError(f"--device={name}: use auto, cuda or cpu")
+    """--device=auto|cuda|mps|cpu -> a torch.device; auto takes a CUDA GPU if one is visible, else
+    Apple's GPU (mps), else the CPU."""
+    if name not in DEVICES:
+        raise UserError(f"--device={name}: use auto, cuda, mps or cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu or --device=auto")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    if name == "mps" and not mps_available():
+        raise UserError("--device=mps but Apple's GPU (mps) is not available here: use --device=cpu or --device=auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    return torch.device(name)
 
 
 def hub_reachable(timeout=5.0):

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from checkpoints import build_model, build_scheduler, find_checkpoint, load_checkpoint
-from configurator import UserError, parse_config, pick_device, run_cli
+from configurator import DEVICES, UserError, parse_config, pick_device, run_cli
 from diffusion_model import sample
 from image_data import save_grid
 from text_encoders import TextEncoder, embed_prompts
@@ -37,12 +37,12 @@ seed = 0  # same seed + same checkpoint + same device = byte-identical PNGs
 use_ema = True  # sample with the EMA weights (smoother, better) rather than the last training weights
 save_trajectory = False  # also write generated_image_pokemon_trajectory.png: x_t (top) and predicted x0 (bottom)
 out_dir = "diffusion_results"
-device = "auto"  # auto | cuda | cpu
+device = "auto"  # auto (CUDA, else Apple's mps, else the CPU) | cuda | mps | cpu
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 RANGES = dict(checkpoint="text", condition="text", guidance_scale="[0, 100]", guidance_t_min="[0, 100000]", num_images="[1, 1000000]", batch_size="[1, 4096]",
               sampler=("ddpm", "ddim"), steps="[1, 100000]", eta="[0, 1]", seed="[0, 2147483647]", use_ema="bool",
-              save_trajectory="bool", out_dir="nonempty", device=("auto", "cuda", "cpu"))
+              save_trajectory="bool", out_dir="nonempty", device=DEVICES)
 NAME = "generated_image_pokemon"
 GRID_MAX = 64  # the grid PNG shows at most this many images; every image is also written alone
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 import shapes
 from checkpoints import CKPT_NAME, find_checkpoint, load_checkpoint, save_checkpoint
-from configurator import (UserError, check_ranges, hub_reachable, offline_banner, parse_config, pick_device, read_config_file,
+from configurator import (DEVICES, UserError, check_ranges, hub_reachable, offline_banner, parse_config, pick_device, read_config_file,
                           run_cli)
 from diffusion_model import NoiseScheduler, UNet, UNetConfig, diffusion_loss, sample
 from image_data import load_image_dataset, save_grid, split_indices
@@ -87,7 +87,7 @@ resume = ""  # "" (new run) | auto (latest run in out_dir) | a checkpoint file o
 wandb_mode = "auto"  # auto (online when logged in, else offline) | online | offline | disabled
 wandb_project = "text-diffusion"
 # system
-device = "auto"  # auto | cuda | cpu
+device = "auto"  # auto (CUDA, else Apple's mps, else the CPU) | cuda | mps | cpu
 compile = False  # torch.compile the U-Net for training
 seed = 0
 # -----------------------------------------------------------------------------
@@ -104,7 +104,7 @@ RANGES = dict(
     ema_decay="[0, 1)", eval_interval="[1, 1e9]", eval_images="[1, 100000]", sample_interval="[1, 1e9]",
     sample_guidance="[0, 100]", sample_guidance_t_min="[0, 100000]", sample_steps="[1, 100000]", sample_eta="[0, 1]", ckpt_interval="[1, 1e9]",
     log_interval="[1, 1e9]", out_dir="nonempty", resume="text", wandb_mode=("auto", "online", "offline", "disabled"),
-    wandb_project="nonempty", device=("auto", "cuda", "cpu"), compile="bool", seed="[0, 2147483647]",
+    wandb_project="nonempty", device=DEVICES, compile="bool", seed="[0, 2147483647]",
 )
 MODEL_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attention_levels", "n_heads", "dropout", "pos_embed",
               "coord_conv", "patch_size")
@@ -128,7 +128,8 @@ def configure(argv):
     Without a config file on a machine without a GPU, the CPU recipe is the base."""
     gave_file = any(a.endswith(".py") and not a.startswith("--") for a in argv)
     C, explicit = parse_config(argv, DEFAULTS, RANGES)
-    cpu_recipe = not gave_file and pick_device(C.device).type == "cpu"
+    kind = pick_device(C.device).type
+    cpu_recipe = not gave_file and kind != "cuda"  # Apple's GPU (mps) trains the CPU recipe too
     if cpu_recipe:
         recipe = read_config_file(CPU_RECIPE, DEFAULTS)
         for k, v in recipe.items():
@@ -137,7 +138,7 @@ def configure(argv):
     if not C.resume:  # a resumed run is checked once its own settings are back (resume_run)
         check_consistency(C)  # before the banner: settings that do not fit together are the only line printed
     if cpu_recipe and not C.resume:  # a resumed run takes its own settings back instead
-        print(f"no GPU and no config file: training the CPU recipe ({os.path.relpath(CPU_RECIPE)}, 9-13 min on 2 cores); "
+        print(f"{'no GPU' if kind == 'cpu' else 'no CUDA GPU'} and no config file: training the CPU recipe ({os.path.relpath(CPU_RECIPE)}, 9-13 min on 2 cores); "
               f"pass a config file, e.g. config/pokemon_gpu.py, to choose another", file=sys.stderr)
     return C, explicit
 
@@ -172,18 +173,22 @@ def unet_config(C, context_dim=1):  # context_dim 1: before the encoder is loade
 
 def setup_device(C):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    use_cuda = pick_device(C.device).type == "cuda"
+    kind = pick_device(C.device).type
+    use_cuda = kind == "cuda"
     rank, world, local_rank = 0, 1, 0
     if ddp:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if kind == "mps":
+            raise UserError("torchrun with --device=mps: torch.distributed does not run on Apple's GPU; train in one process")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    dev = torch.device(f"cuda:{local_rank}" if use_cuda else kind)
     if use_cuda:
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # bf16 autocast on CUDA; plain fp32 on the CPU, where bf16 is slow on most processors
+    # bf16 autocast on CUDA; plain fp32 on the CPU, where bf16 is slow on most processors, and on Apple's GPU
+    # (mps), whose autocast and bf16 support depend on the macOS and torch versions
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
     return SimpleNamespace(ddp=ddp, rank=rank, world=world, device=dev, autocast=autocast, master=rank == 0)
 
@@ -704,6 +709,7 @@ def train(C, sysinfo, stop, ckpt, run_dir):
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
     last_good_step, busy, imgs_per_s, loss_ema = step, 0.0, 0.0, None  # busy: seconds in training steps since the last log
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    rng_dev = dev if dev.type == "cuda" else torch.device("cpu")  # on mps the step's draws come from the CPU, as without a GPU
     model.train()
     while True:
         lr_now = lr_at(step, C)
@@ -751,11 +757,11 @@ def train(C, sysinfo, stop, ckpt, run_dir):
         # dropout's masks, which each rank draws from its own RNG stream (restored per rank on resume).
         t_step = time.time()
         G, B = C.batch_size * sysinfo.world, C.batch_size
-        g = torch.Generator(device=dev).manual_seed(C.seed * 1_000_003 + step)
-        drop = torch.rand(G, generator=g, device=dev) < C.p_uncond
-        flip = torch.rand(G, generator=g, device=dev) < 0.5
-        t = torch.randint(0, C.num_timesteps, (G,), generator=g, device=dev)
-        noise = torch.randn((G, *D.train_images.shape[1:]), generator=g, device=dev)
+        g = torch.Generator(device=rng_dev).manual_seed(C.seed * 1_000_003 + step)
+        drop = (torch.rand(G, generator=g, device=rng_dev) < C.p_uncond).to(dev)
+        flip = (torch.rand(G, generator=g, device=rng_dev) < 0.5).to(dev)
+        t = torch.randint(0, C.num_timesteps, (G,), generator=g, device=rng_dev).to(dev)
+        noise = torch.randn((G, *D.train_images.shape[1:]), generator=g, device=rng_dev).to(dev)
         mine = slice(sysinfo.rank * B, (sysinfo.rank + 1) * B)
         idx = global_batch_indices(step, len(D.train_images), G, C.seed)[mine].to(dev)
         x0 = D.train_images[idx].float() / 127.5 - 1  # (B, 3, S, S) in [-1, 1]

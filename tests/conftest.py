@@ -33,6 +33,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains a model from scratch for minutes (deselect with -m 'not slow')")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_apple_gpu():
+    """What CUDA_VISIBLE_DEVICES does for CUDA, for Apple's GPU in the tests' own process: `auto` never
+    picks mps on a Mac (the runs the tests start name --device=cpu). Tests of mps patch it back."""
+    import torch
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(torch.backends.mps, "is_available", lambda: False)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """On a shared 2-core machine two intra-op threads keep waiting on each other: these tiny models

@@ -484,3 +484,36 @@ def test_the_tiny_runs_name_their_device_and_config_file(tiny, capsys):
     assert "no GPU and no config file" not in capsys.readouterr().err
     assert C.device == "cpu" and {"patch_size", "prediction_type", "dropout"} <= explicit
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------- devices: CUDA, then Apple's mps, then the CPU
+
+
+@pytest.mark.parametrize("cuda, mps, auto", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_takes_cuda_then_mps_then_the_cpu_and_an_absent_device_is_one_line(monkeypatch, cuda, mps, auto):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert configurator.pick_device("auto").type == auto and configurator.pick_device("cpu").type == "cpu"
+    for name, present in (("cuda", cuda), ("mps", mps)):
+        if present:
+            assert configurator.pick_device(name).type == name
+        else:
+            with pytest.raises(configurator.UserError, match=f"--device={name} but .* use --device=cpu or --device=auto"):
+                configurator.pick_device(name)
+
+
+def test_apples_gpu_trains_the_cpu_recipe_in_fp32_in_one_process(monkeypatch, capsys):
+    """On a Mac, auto is mps: the CPU recipe (not the H200's), no autocast (fp32), and no torchrun."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    C, _ = td.configure(["--max_steps=10"])
+    recipe = configurator.read_config_file(td.CPU_RECIPE, td.DEFAULTS)
+    assert C.patch_size == recipe["patch_size"] and C.batch_size == recipe["batch_size"]
+    assert "no CUDA GPU and no config file: training the CPU recipe" in capsys.readouterr().err
+    sysinfo = td.setup_device(C)
+    assert sysinfo.device == torch.device("mps") and not sysinfo.ddp
+    assert not isinstance(sysinfo.autocast, torch.autocast)  # fp32
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(configurator.UserError, match="torchrun with --device=mps"):
+        td.setup_device(C)

@@ -153,7 +153,7 @@ def test_offline_wandb_run_holds_keys_and_image(tiny, tmp_path):
 def test_override_errors_are_one_line_with_exit_code_2(run_script):
     for args, expected in ((["--nope=1"], "unknown key --nope"), (["--lr=fast"], "--lr=fast: expected a number"),
                            (["--batch_size=1.5"], "expected an integer"), (["lr=1"], "write --key=value"),
-                           (["--device=gpu"], "--device=gpu is out of range: use one of auto, cuda, cpu")):
+                           (["--device=gpu"], "--device=gpu is out of range: use one of auto, cuda, mps, cpu")):
         r = run_script(["train_diffusion.py", *args], timeout=120)
         assert r.returncode == 2, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
