@@ -100,7 +100,7 @@ def kid(real, fake, subsets=50, subset_size=100, seed=0):
         off_diag = lambda k: (k.sum() - k.diagonal().sum()) / (m * (m - 1))
         values.append(off_diag(k_xx) + off_diag(k_yy) - 2 * k_xy.mean())
     values = torch.stack(values) * 1000
-    return values.mean().item(), values.std().item()
+    return values.mean().item(), values.std().item() if subsets > 1 else 0.0
 
 
 def frechet_distance(real, fake):

@@ -63,6 +63,18 @@ VARIANTS_32 = {
     "steps6000": ["--max_steps=6000"],  # 2x
     "16px": ["config/shapes_16px.py"],  # the 16 px recipe, for the side-by-side time (--speed=true)
 }
+# The Pokémon recipe (config/pokemon_cpu.py: 64 px on 2x2 patches) against other layouts that cost
+# about the same, on a short budget: each variant's steps fill the same ~6 minutes of training on
+# 2 cores at the images/s that bench_layout-style timing of its U-Net gave (docs/ablations.md).
+# Judged by the in-training evaluation at the last step (KID, copy share), not by the shapes judge.
+SHORT = ["--eval_interval=100000", "--sample_interval=100000"]
+VARIANTS_POKEMON = {
+    "chosen": SHORT + ["--max_steps=1600"],
+    "64px_p4_b64": SHORT + ["--patch_size=4", "--base_channels=64", "--attention_levels=1,2", "--max_steps=1200"],
+    "32px_b32": SHORT + ["--image_size=32", "--patch_size=1", "--max_steps=1600"],
+    "32px_p2_b64": SHORT + ["--image_size=32", "--base_channels=64", "--channel_mults=1,2", "--attention_levels=1",
+                            "--max_steps=1300"],
+}
 # Per study: the recipe file, the variants, those trained and judged by default, those also judged
 # with DDPM-1000, and where guidance starts (diffusion_model.sample: guidance only at t >= it). The
 # adherence study guided every step, as the samplers did then.
@@ -71,9 +83,12 @@ STUDIES = {
                       guidance_t_min=0),
     "32px": dict(recipe="config/shapes_cpu.py", variants=VARIANTS_32, default=["chosen", "full_res", "min_snr", "eps"], ddpm="",
                  guidance_t_min=300),
+    "pokemon": dict(recipe="config/pokemon_cpu.py", variants=VARIANTS_POKEMON, default=list(VARIANTS_POKEMON), ddpm="",
+                    guidance_t_min=300, quality=True),
 }
 DEFAULTS = dict(study="adherence", out_dir="ablation", variants="", train_seeds="0", ddpm_variants="default", jobs=2,
-                repeats=4, guidance=3.0, guidance_t_min=-1, speed=False, speed_steps=200, speed_rounds=1)  # -1: the study's
+                repeats=4, guidance=3.0, guidance_t_min=-1, speed=False, speed_steps=200, speed_rounds=1,  # -1: the study's
+                dataset="")  # the pokemon study: a folder instead of the Hub's Pokémon, e.g. ../shared/data/pokedex-art
 
 
 def command(C, name, *extra):
@@ -82,7 +97,8 @@ def command(C, name, *extra):
     recipe, args = STUDIES[C.study]["recipe"], list(STUDIES[C.study]["variants"][name])
     if args and args[0].endswith(".py"):
         recipe = args.pop(0)
-    return [sys.executable, os.path.join(ROOT, "train_diffusion.py"), recipe, "--wandb_mode=disabled", *args, *extra]
+    data = [f"--dataset={os.path.abspath(C.dataset)}"] if C.dataset else []
+    return [sys.executable, os.path.join(ROOT, "train_diffusion.py"), recipe, "--wandb_mode=disabled", *data, *args, *extra]
 
 
 def run_one(C, name, seed, threads):
@@ -103,7 +119,7 @@ def run_one(C, name, seed, threads):
         if inner:  # a run resumed from <run_dir>/ckpt.pt trained in place
             os.replace(os.path.join(run_dir, sorted(inner)[-1], "ckpt.pt"), ckpt_path)
     result_path = os.path.join(run_dir, "ablation.json")
-    if os.path.isfile(result_path):
+    if os.path.isfile(result_path) or STUDIES[C.study].get("quality"):  # quality: judged while training
         return
     cmd = [sys.executable, "-m", "benchmarks.ablation", f"--study={C.study}", f"--out_dir={C.out_dir}", f"--repeats={C.repeats}",
            f"--guidance={C.guidance}", f"--guidance_t_min={C.guidance_t_min}", f"--ddpm_variants={C.ddpm_variants}", f"--variants={name}", f"--train_seeds={seed}",
@@ -190,6 +206,22 @@ def table(C, names, seeds):
         print(f"| {name} | {seed} | {four(w0, 'seen')} | {four(w0, 'held_out')} | {four(nv, 'seen')} | {four(nv, 'held_out')} |")
 
 
+def quality_table(C, names, seeds):
+    """The Pokémon study's table: each run's evaluations from its log.jsonl (KID x1000 against the
+    held-out art with its spread over subsets, copy share, validation loss)."""
+    import glob
+
+    print("\n| variant | train seed | step | KID x1000 | copy share | val loss |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        for seed in seeds:
+            for log_path in sorted(glob.glob(os.path.join(C.out_dir, f"{name}-s{seed}", "*", "log.jsonl"))):
+                for r in (json.loads(line) for line in open(log_path)):
+                    if "quality/kid" in r:
+                        print(f"| {name} | {seed} | {r['step']} | {r['quality/kid']:.1f} ± {r['quality/kid_std']:.1f} | "
+                              f"{r['quality/copy_share']:.3f} | {r['val/loss']:.4f} |")
+
+
 def main(argv):
     C, _ = parse_config(argv, DEFAULTS)
     if C.study not in STUDIES:
@@ -213,7 +245,7 @@ def main(argv):
     with ThreadPoolExecutor(C.jobs) as pool:
         for f in [pool.submit(run_one, C, n, s, threads) for n in names for s in seeds]:
             f.result()
-    table(C, names, seeds)
+    (quality_table if study.get("quality") else table)(C, names, seeds)
 
 
 if __name__ == "__main__":
