@@ -36,11 +36,12 @@ def pytest_configure(config):
 @pytest.fixture(scope="session", autouse=True)
 def no_apple_gpu():
     """What CUDA_VISIBLE_DEVICES does for CUDA, for Apple's GPU in the tests' own process: `auto` never
-    picks mps on a Mac (the runs the tests start name --device=cpu). Tests of mps patch it back."""
-    import torch
+    picks mps on a Mac (the runs the tests start name --device=cpu). Tests of mps patch it back.
+    (configurator's probe, not torch.backends.mps.is_available: torch._dynamo reads that one's __wrapped__.)"""
+    import configurator
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(torch.backends.mps, "is_available", lambda: False)
+    patch.setattr(configurator, "mps_available", lambda: False)
     yield
     patch.undo()
 

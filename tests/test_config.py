@@ -492,7 +492,7 @@ def test_the_tiny_runs_name_their_device_and_config_file(tiny, capsys):
 @pytest.mark.parametrize("cuda, mps, auto", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
 def test_auto_takes_cuda_then_mps_then_the_cpu_and_an_absent_device_is_one_line(monkeypatch, cuda, mps, auto):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setattr(configurator, "mps_available", lambda: mps)
     assert configurator.pick_device("auto").type == auto and configurator.pick_device("cpu").type == "cpu"
     for name, present in (("cuda", cuda), ("mps", mps)):
         if present:
@@ -505,7 +505,7 @@ def test_auto_takes_cuda_then_mps_then_the_cpu_and_an_absent_device_is_one_line(
 def test_apples_gpu_trains_the_cpu_recipe_in_fp32_in_one_process(monkeypatch, capsys):
     """On a Mac, auto is mps: the CPU recipe (not the H200's), no autocast (fp32), and no torchrun."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(configurator, "mps_available", lambda: True)
     C, _ = td.configure(["--max_steps=10"])
     recipe = configurator.read_config_file(td.CPU_RECIPE, td.DEFAULTS)
     assert C.patch_size == recipe["patch_size"] and C.batch_size == recipe["batch_size"]
