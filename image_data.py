@@ -161,6 +161,18 @@ def split_indices(n, seed, val_fraction, eval_images):
     return perm[:n_val], perm[n_val:]
 
 
+def load_art(folder, image_size, seed, val_fraction, eval_images):
+    """A captioned imagefolder split as train_diffusion.py splits it: (train images, train captions,
+    held-out images, held-out captions), uint8 at image_size. For benchmarks and figures."""
+    from types import SimpleNamespace
+
+    C = SimpleNamespace(dataset=folder, image_column="image", caption_column="text", image_size=image_size)
+    images, captions, _, _ = load_image_dataset(C)
+    val_idx, train_idx = split_indices(len(images), seed, val_fraction, eval_images)
+    pick = lambda idx: [captions[i] for i in idx.tolist()]
+    return images[train_idx], pick(train_idx), images[val_idx], pick(val_idx)
+
+
 def flips_allowed(captions):
     """Pokémon art and most captioned photos read the same mirrored; captions that speak of left
     and right do not. Whole words only: "bright", "copyright" and "upright" name no side."""

@@ -25,25 +25,15 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
 import image_quality as iq
 from configurator import UserError, parse_config, pick_device, run_cli
-from image_data import load_image_dataset, save_grid, split_indices
+from image_data import load_art, save_grid
 
 DEFAULTS = dict(dataset="", checkpoint="", image_size=32, seed=0, val_fraction=0.2, eval_images=256, guidance=3.0,
                 guidance_t_min=300, steps=25, eta=0.0, sample_seed=0, device="auto", out="")
-
-
-def load_art(dataset, image_size, seed, val_fraction, eval_images):
-    """(train images, train captions, held-out images, held-out captions), uint8 at image_size."""
-    C = SimpleNamespace(dataset=dataset, image_column="image", caption_column="text", image_size=image_size)
-    images, captions, _, _ = load_image_dataset(C)
-    val_idx, train_idx = split_indices(len(images), seed, val_fraction, eval_images)
-    pick = lambda idx: [captions[i] for i in idx.tolist()]
-    return images[train_idx], pick(train_idx), images[val_idx], pick(val_idx)
 
 
 def probe_scores(fe_train, cap_train, fe_held, cap_held):
