@@ -94,7 +94,9 @@ def read_config_file(path, defaults):
         try:
             value = ast.literal_eval(node.value)
         except ValueError:
-            raise UserError(f"{where}: {key} must be a literal (a number, text, true/false or a tuple), not an expression") from None
+            raise UserError(
+                f"{where}: {key} must be a literal (a number, text, true/false or a tuple), not an expression"
+            ) from None
         values[key] = value if defaults is None else _literal(key, value, defaults[key], where)
     return values
 
@@ -112,8 +114,13 @@ def _interval(spec):
 
 def _in_interval(value, spec):
     lo, hi, lo_open, hi_open = _interval(spec)
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi))
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > lo if lo_open else value >= lo)
+        and (value < hi if hi_open else value <= hi)
+    )
 
 
 def is_valid(value, spec):
@@ -126,8 +133,11 @@ def is_valid(value, spec):
         return isinstance(value, str) and (spec == "text" or value.strip() != "")
     if " of " in spec:
         count, interval = spec.split(" of ")
-        return (isinstance(value, tuple) and len(value) >= int(count.rstrip("+"))
-                and all(isinstance(v, int) and _in_interval(v, interval) for v in value))
+        return (
+            isinstance(value, tuple)
+            and len(value) >= int(count.rstrip("+"))
+            and all(isinstance(v, int) and _in_interval(v, interval) for v in value)
+        )
     return _in_interval(value, spec)
 
 
@@ -154,7 +164,9 @@ def parse_config(argv, defaults, ranges=None):
     key of `defaults`, converted to the default's type; every value is then checked against its
     declared range. Returns (C, explicit): a namespace of all settings and the set of keys that a
     file or the command line set. Without `ranges` (the benchmarks) only the types are checked."""
-    assert ranges is None or ranges.keys() == defaults.keys(), f"keys without a declared range: {set(defaults) ^ set(ranges)}"
+    assert ranges is None or ranges.keys() == defaults.keys(), (
+        f"keys without a declared range: {set(defaults) ^ set(ranges)}"
+    )
     config, explicit, seen_override = dict(defaults), set(), False
     for arg in argv:
         if arg.endswith(".py") and not arg.startswith("--"):
@@ -165,7 +177,9 @@ def parse_config(argv, defaults, ranges=None):
             explicit.update(values)
             continue
         if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"cannot read argument {arg!r}: write --key=value or give a config file (valid keys: {', '.join(defaults)})")
+            raise UserError(
+                f"cannot read argument {arg!r}: write --key=value or give a config file (valid keys: {', '.join(defaults)})"
+            )
         key, text = arg[2:].split("=", 1)
         if key not in defaults:
             raise UserError(f"unknown key --{key}; valid keys: {', '.join(defaults)}")

@@ -111,7 +111,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, C/heads) each
+        q, k, v = (
+            self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        )  # (B, heads, N, C/heads) each
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C/heads)
         return self.out(h.transpose(1, 2).reshape(B, N, C))
 
@@ -135,7 +137,9 @@ class CrossAttention(nn.Module):
         heads, d = self.n_heads, C // self.n_heads
         q = self.q(x).view(B, N, heads, d).transpose(1, 2)  # (B, heads, N, d)
         k, v = self.kv(context).view(B, L, 2, heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, L, d) each
-        attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, L), broadcast over heads and queries
+        attn_mask = (
+            None if mask is None else mask[:, None, None, :].bool()
+        )  # (B, 1, 1, L), broadcast over heads and queries
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
         return self.out(h.transpose(1, 2).reshape(B, N, C))
 
@@ -247,8 +251,11 @@ class ResAttn(nn.Module):
     def __init__(self, in_ch, out_ch, time_dim, cfg, use_attn, resolution):
         super().__init__()
         self.res = ResnetBlock(in_ch, out_ch, time_dim, cfg.dropout)
-        self.attn = (SpatialTransformer(out_ch, cfg.n_heads, cfg.context_dim, resolution=resolution if cfg.pos_embed else None)
-                     if use_attn else None)
+        self.attn = (
+            SpatialTransformer(out_ch, cfg.n_heads, cfg.context_dim, resolution=resolution if cfg.pos_embed else None)
+            if use_attn
+            else None
+        )
 
     def forward(self, x, temb, context, mask):
         x = self.res(x, temb)
@@ -300,7 +307,9 @@ class UNet(nn.Module):
         p, size = cfg.patch_size, cfg.image_size // cfg.patch_size  # size: the side of the feature maps at level 0
         coords = None
         if cfg.coord_conv:  # (1, 2, S, S): channel 0 is x (left = -1), channel 1 is y (top = -1)
-            y, x = torch.meshgrid(torch.linspace(-1, 1, cfg.image_size), torch.linspace(-1, 1, cfg.image_size), indexing="ij")
+            y, x = torch.meshgrid(
+                torch.linspace(-1, 1, cfg.image_size), torch.linspace(-1, 1, cfg.image_size), indexing="ij"
+            )
             coords = torch.stack([x, y])[None]
         self.register_buffer("coords", coords, persistent=False)
         # without patches no fold at all: pixel_(un)shuffle by 1 would still copy the tensor
@@ -312,7 +321,9 @@ class UNet(nn.Module):
         res = lambda level: size // 2**level  # side of the feature maps at a level
         for level, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(ResAttn(ch, cfg.base_channels * mult, time_dim, cfg, level in cfg.attention_levels, res(level)))
+                self.down.append(
+                    ResAttn(ch, cfg.base_channels * mult, time_dim, cfg, level in cfg.attention_levels, res(level))
+                )
                 ch = cfg.base_channels * mult
                 skip_chs.append(ch)
             if level != len(cfg.channel_mults) - 1:
@@ -321,14 +332,24 @@ class UNet(nn.Module):
 
         self.mid_res1 = ResnetBlock(ch, ch, time_dim, cfg.dropout)
         lowest = res(len(cfg.channel_mults) - 1)
-        self.mid_attn = SpatialTransformer(ch, cfg.n_heads, cfg.context_dim, resolution=lowest if cfg.pos_embed else None)
+        self.mid_attn = SpatialTransformer(
+            ch, cfg.n_heads, cfg.context_dim, resolution=lowest if cfg.pos_embed else None
+        )
         self.mid_res2 = ResnetBlock(ch, ch, time_dim, cfg.dropout)
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mults))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(ResAttn(ch + skip_chs.pop(), cfg.base_channels * mult, time_dim, cfg, level in cfg.attention_levels,
-                                       res(level)))
+                self.up.append(
+                    ResAttn(
+                        ch + skip_chs.pop(),
+                        cfg.base_channels * mult,
+                        time_dim,
+                        cfg,
+                        level in cfg.attention_levels,
+                        res(level),
+                    )
+                )
                 ch = cfg.base_channels * mult
             if level != 0:
                 self.up.append(Upsample(ch))
@@ -424,19 +445,28 @@ class NoiseScheduler(nn.Module):
 
     def q_sample(self, x0, t, noise):
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) with the given noise."""
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def predict_x0(self, x_t, t, eps):
         """Invert q_sample: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return (
+            self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
 
     def predict_eps(self, x_t, t, x0):
         """The noise that takes x_0 to x_t: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
-        return (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self._at(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        )
 
     def velocity(self, x0, t, eps):
         """The v target: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, Sec. 4)."""
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * eps - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x0) * eps - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        )
 
     def target(self, x0, t, eps):
         """What the U-Net learns to output for x_t = q_sample(x0, t, eps): eps, or v."""
@@ -492,9 +522,7 @@ def guided_output(model, x, t, cond, uncond, guidance_scale):
     the caption. Both predictions come from one forward pass over a doubled batch.
     cond and uncond are (context (B, L, D), mask (B, L)) with the same L."""
     (c, c_mask), (u, u_mask) = cond, uncond
-    out_c, out_u = model(
-        torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, u]), torch.cat([c_mask, u_mask])
-    ).chunk(2)
+    out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, u]), torch.cat([c_mask, u_mask])).chunk(2)
     return out_u + guidance_scale * (out_c - out_u)
 
 
@@ -527,8 +555,20 @@ def _generator(seed_or_generator):
 
 
 @torch.no_grad()
-def sample(model, scheduler, cond, uncond=None, guidance_scale=1.0, sampler="ddpm", steps=None, eta=0.0,
-           generator=0, callback=None, progress=False, guidance_t_min=0):
+def sample(
+    model,
+    scheduler,
+    cond,
+    uncond=None,
+    guidance_scale=1.0,
+    sampler="ddpm",
+    steps=None,
+    eta=0.0,
+    generator=0,
+    callback=None,
+    progress=False,
+    guidance_t_min=0,
+):
     """Draw one image per caption in `cond` = (context (B, L, D), mask (B, L)).
 
     sampler "ddpm": ancestral sampling over all T steps (Algorithm 2 of Ho et al. 2020) with the
@@ -567,11 +607,15 @@ def sample(model, scheduler, cond, uncond=None, guidance_scale=1.0, sampler="ddp
         g = _generator(generator)
         randn = lambda: torch.randn(B, *shape, generator=g).to(device)
 
-    timesteps = list(range(T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(T, steps if steps is not None else 50)
+    timesteps = (
+        list(range(T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(T, steps if steps is not None else 50)
+    )
     x = randn()  # x_T ~ N(0, I)
     for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False)):
         tt = torch.full((B,), t, device=device, dtype=torch.long)
-        w = guidance_scale if t >= guidance_t_min or guidance_scale == 0.0 else 1.0  # w = 0 is no guidance: the unconditional model
+        w = (
+            guidance_scale if t >= guidance_t_min or guidance_scale == 0.0 else 1.0
+        )  # w = 0 is no guidance: the unconditional model
         if w == 1.0:  # the guided formula reduces to one of its two terms: skip the other
             out = model(x, tt, context, mask)
         elif w == 0.0:

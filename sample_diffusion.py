@@ -40,9 +40,22 @@ out_dir = "diffusion_results"
 device = "auto"  # auto (CUDA, else Apple's mps, else the CPU) | cuda | mps | cpu
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
-RANGES = dict(checkpoint="text", condition="text", guidance_scale="[0, 100]", guidance_t_min="[0, 100000]", num_images="[1, 1000000]", batch_size="[1, 4096]",
-              sampler=("ddpm", "ddim"), steps="[1, 100000]", eta="[0, 1]", seed="[0, 2147483647]", use_ema="bool",
-              save_trajectory="bool", out_dir="nonempty", device=DEVICES)
+RANGES = dict(
+    checkpoint="text",
+    condition="text",
+    guidance_scale="[0, 100]",
+    guidance_t_min="[0, 100000]",
+    num_images="[1, 1000000]",
+    batch_size="[1, 4096]",
+    sampler=("ddpm", "ddim"),
+    steps="[1, 100000]",
+    eta="[0, 1]",
+    seed="[0, 2147483647]",
+    use_ema="bool",
+    save_trajectory="bool",
+    out_dir="nonempty",
+    device=DEVICES,
+)
 NAME = "generated_image_pokemon"
 GRID_MAX = 64  # the grid PNG shows at most this many images; every image is also written alone
 
@@ -54,7 +67,9 @@ def main(argv):
     where = C.checkpoint or C.out_dir
     path = find_checkpoint(where)
     if path is None:
-        raise UserError(f"no checkpoint in {where}: train one with python train_diffusion.py, or pass --checkpoint=<ckpt.pt or run folder>")
+        raise UserError(
+            f"no checkpoint in {where}: train one with python train_diffusion.py, or pass --checkpoint=<ckpt.pt or run folder>"
+        )
     ckpt = load_checkpoint(path)
     model = build_model(ckpt, "ema" if C.use_ema else "model").to(dev).eval()
     scheduler = build_scheduler(ckpt).to(dev)
@@ -65,18 +80,24 @@ def main(argv):
     # the encoder the model was trained with, never another: its features are what the model reads
     encoder = TextEncoder(ckpt["text_encoder"], dev)
     if encoder.dim != model.cfg.context_dim:
-        raise UserError(f"text encoder {ckpt['text_encoder']} gives {encoder.dim}-d tokens but the model was trained on "
-                        f"{model.cfg.context_dim}-d ones: that folder now holds another encoder; restore the one it was trained with")
+        raise UserError(
+            f"text encoder {ckpt['text_encoder']} gives {encoder.dim}-d tokens but the model was trained on "
+            f"{model.cfg.context_dim}-d ones: that folder now holds another encoder; restore the one it was trained with"
+        )
     prompt = C.condition
     if prompt == "":
-        print("note: the empty prompt is the unconditional prompt: both images show the model's prior, guidance changes nothing")
+        print(
+            "note: the empty prompt is the unconditional prompt: both images show the model's prior, guidance changes nothing"
+        )
     if encoder.count_truncated([prompt]):
         print(f"warning: the prompt is longer than {encoder.max_length} tokens and was cut there", file=sys.stderr)
     cond, uncond = embed_prompts(encoder, [prompt], dev)
     del encoder
     how = "ddpm, all steps" if C.sampler == "ddpm" else f"ddim, {C.steps} steps, eta {C.eta:g}"
-    print(f"checkpoint {path} (step {ckpt['step']}, {ckpt.get('dataset', '?')}, predicts {scheduler.prediction_type}, "
-          f"text encoder {ckpt['text_encoder']}) | {how} | {dev}")
+    print(
+        f"checkpoint {path} (step {ckpt['step']}, {ckpt.get('dataset', '?')}, predicts {scheduler.prediction_type}, "
+        f"text encoder {ckpt['text_encoder']}) | {how} | {dev}"
+    )
 
     os.makedirs(C.out_dir, exist_ok=True)
     trajectory = []
@@ -92,17 +113,31 @@ def main(argv):
             n = min(C.batch_size, C.num_images - start)
             # image i has its own noise stream, seeded by (seed, i): the same bytes whatever the batch size
             gens = [torch.Generator().manual_seed(C.seed * 1_000_003 + i) for i in range(start, start + n)]
-            images = sample(model, scheduler, (cond[0].expand(n, -1, -1), cond[1].expand(n, -1)), uncond, guidance_scale=w,
-                            guidance_t_min=C.guidance_t_min, sampler=C.sampler, steps=C.steps, eta=C.eta, generator=gens, progress=True,
-                            callback=record if (C.save_trajectory and suffix == "_cfg" and start == 0) else None)
-            grid.append(images[:max(0, GRID_MAX - start)].cpu())
+            images = sample(
+                model,
+                scheduler,
+                (cond[0].expand(n, -1, -1), cond[1].expand(n, -1)),
+                uncond,
+                guidance_scale=w,
+                guidance_t_min=C.guidance_t_min,
+                sampler=C.sampler,
+                steps=C.steps,
+                eta=C.eta,
+                generator=gens,
+                progress=True,
+                callback=record if (C.save_trajectory and suffix == "_cfg" and start == 0) else None,
+            )
+            grid.append(images[: max(0, GRID_MAX - start)].cpu())
             if C.num_images > 1:
                 for i, img in enumerate(images, start):
                     save_grid(img[None], os.path.join(C.out_dir, f"{NAME}{suffix}_{i:03d}.png"))
         grid = torch.cat(grid)
         save_grid(grid, os.path.join(C.out_dir, f"{NAME}{suffix}.png"), nrow=min(8, len(grid)))
-        print(f"wrote {os.path.join(C.out_dir, NAME + suffix + '.png')} (guidance {w:g}"
-              + (f", {len(grid)} of {C.num_images} images; each one is also written alone" if C.num_images > 1 else "") + f"): {prompt!r}")
+        print(
+            f"wrote {os.path.join(C.out_dir, NAME + suffix + '.png')} (guidance {w:g}"
+            + (f", {len(grid)} of {C.num_images} images; each one is also written alone" if C.num_images > 1 else "")
+            + f"): {prompt!r}"
+        )
     if C.save_trajectory:
         strip = torch.cat([torch.cat([x_t for x_t, _ in trajectory]), torch.cat([x0 for _, x0 in trajectory])])
         path = os.path.join(C.out_dir, f"{NAME}_trajectory.png")

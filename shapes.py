@@ -108,9 +108,7 @@ PHRASINGS = (
 def caption(color, shape, size, position, phrasing=0):
     """Describe one image in words; `phrasing` indexes PHRASINGS."""
     where = position if position == "center" else position + " corner"
-    return PHRASINGS[phrasing].format(
-        color=color, shape=shape, size=size, position=position, where=where
-    )
+    return PHRASINGS[phrasing].format(color=color, shape=shape, size=size, position=position, where=where)
 
 
 # Varied captions ("varied", what every recipe trains on): the six phrasings above are all a
@@ -248,7 +246,9 @@ def make_shapes_dataset(n, image_size=32, seed=0, held_out=False, captions="six"
         color, shape = pairs[pair_idx[i]]
         a = dict(color=color, shape=shape, size=sizes[size_idx[i]], position=positions[pos_idx[i]])
         images[i] = render(**a, image_size=image_size, dx=shift[i, 0], dy=shift[i, 1], scale=scale[i])
-        texts.append(caption(**a, phrasing=int(phrasing_idx[i])) if captions == "six" else varied_caption(**a, rng=wording_rng))
+        texts.append(
+            caption(**a, phrasing=int(phrasing_idx[i])) if captions == "six" else varied_caption(**a, rng=wording_rng)
+        )
         attrs.append(a)
 
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -272,13 +272,21 @@ def eval_prompts(wording="canonical"):
     prompts = []
 
     def add(color, shape, size, position, is_held_out):
-        text = (caption(color, shape, size, position) if wording == "canonical"
-                else varied_caption(color, shape, size, position, rng, NOVEL_TEMPLATES))
-        prompts.append(dict(
-            caption=text,
-            color=color, shape=shape, size=size, position=position,
-            held_out=is_held_out,
-        ))
+        text = (
+            caption(color, shape, size, position)
+            if wording == "canonical"
+            else varied_caption(color, shape, size, position, rng, NOVEL_TEMPLATES)
+        )
+        prompts.append(
+            dict(
+                caption=text,
+                color=color,
+                shape=shape,
+                size=size,
+                position=position,
+                held_out=is_held_out,
+            )
+        )
 
     for i, (color, shape) in enumerate(train_pairs()):
         add(color, shape, sizes[i % 2], positions[i % 5], False)
@@ -330,7 +338,7 @@ def _count_3x3(mask):
     """Number of set pixels in each pixel's 3x3 neighbourhood; mask (B, H, W)."""
     H, W = mask.shape[1:]
     padded = torch.nn.functional.pad(mask.float(), (1, 1, 1, 1))
-    return sum(padded[:, i:i + H, j:j + W] for i in range(3) for j in range(3))
+    return sum(padded[:, i : i + H, j : j + W] for i in range(3) for j in range(3))
 
 
 def measure(images):
@@ -381,15 +389,16 @@ def measure(images):
     cx = (column_mass * xs).sum(dim=1) / pixels
     cy = (row_mass * ys).sum(dim=1) / pixels
     dy = ys[None] - cy[:, None]
-    var_y = (row_mass * dy ** 2).sum(dim=1) / pixels
-    skew = (row_mass * dy ** 3).sum(dim=1) / pixels / var_y.clamp(min=1e-12) ** 1.5
+    var_y = (row_mass * dy**2).sum(dim=1) / pixels
+    skew = (row_mass * dy**3).sum(dim=1) / pixels / var_y.clamp(min=1e-12) ** 1.5
 
     width = coverage.amax(dim=1).sum(dim=1)  # largest coverage in each column
     height = coverage.amax(dim=2).sum(dim=1)
     fill = pixels / (width * height).clamp(min=1e-6)
 
-    return dict(found=found, rgb=rgb, area=pixels / (H * W),
-                centroid=torch.stack([cx, cy], dim=1), fill=fill, skew=skew)
+    return dict(
+        found=found, rgb=rgb, area=pixels / (H * W), centroid=torch.stack([cx, cy], dim=1), fill=fill, skew=skew
+    )
 
 
 def judge(images):
@@ -420,9 +429,9 @@ def judge(images):
     # white-to-colour segment rather than its endpoint: paling then never
     # turns, e.g., red into orange.
     palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255
-    towards = palette - 1                     # (6, 3): white -> colour
-    offset = m["rgb"] - 1                     # (B, 3): white -> measured
-    mix = ((offset @ towards.T) / (towards ** 2).sum(dim=1)).clamp(0, 1)  # (B, 6)
+    towards = palette - 1  # (6, 3): white -> colour
+    offset = m["rgb"] - 1  # (B, 3): white -> measured
+    mix = ((offset @ towards.T) / (towards**2).sum(dim=1)).clamp(0, 1)  # (B, 6)
     residual = offset[:, None] - mix[..., None] * towards[None]
     color_idx = residual.norm(dim=2).argmin(dim=1).tolist()
     centres = torch.tensor(list(POSITIONS.values()), dtype=torch.float32)
@@ -445,12 +454,14 @@ def judge(images):
         # Geometric mean of the two areas = area of a shape of side
         # sqrt(small * large), equally far from both in ratio.
         size_threshold = FILL_RATIO[shape] * SIZES["small"] * SIZES["large"]
-        results.append(dict(
-            color=color_names[color_idx[i]],
-            shape=shape,
-            size="large" if area[i] > size_threshold else "small",
-            position=position_names[position_idx[i]],
-        ))
+        results.append(
+            dict(
+                color=color_names[color_idx[i]],
+                shape=shape,
+                size="large" if area[i] > size_threshold else "small",
+                position=position_names[position_idx[i]],
+            )
+        )
     return results
 
 
@@ -462,10 +473,7 @@ def adherence(images, targets):
     judged = judge(images)
     assert len(judged) == len(targets), "one target per image"
     keys = ("color", "shape", "size", "position")
-    return {
-        k: sum(j[k] == t[k] for j, t in zip(judged, targets)) / len(targets)
-        for k in keys
-    }
+    return {k: sum(j[k] == t[k] for j, t in zip(judged, targets)) / len(targets) for k in keys}
 
 
 # ---------------------------------------------------------------------------
@@ -474,8 +482,20 @@ def adherence(images, targets):
 
 
 @torch.no_grad()
-def sample_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, steps, seed, autocast=None, sampler="ddim", eta=1.0,
-                     guidance_t_min=0):
+def sample_adherence(
+    model,
+    scheduler,
+    prompts,
+    cond,
+    uncond,
+    guidance_scales,
+    steps,
+    seed,
+    autocast=None,
+    sampler="ddim",
+    eta=1.0,
+    guidance_t_min=0,
+):
     """Sample the judge's prompts (shapes.eval_prompts(), embedded as cond) with DDIM (or DDPM) at
     each guidance scale and judge the images. Returns {w: {"seen": {attr: frac}, "held_out": {attr: frac}}}.
     eta = 1 by default, stochastic like DDPM. Deterministic DDIM (eta = 0) depends on the prediction
@@ -493,8 +513,18 @@ def sample_adherence(model, scheduler, prompts, cond, uncond, guidance_scales, s
     results = {}
     for w in guidance_scales:
         with autocast:
-            images = sample(model, scheduler, cond, uncond, guidance_scale=w, sampler=sampler, steps=steps, eta=eta, generator=seed,
-                            guidance_t_min=guidance_t_min)
+            images = sample(
+                model,
+                scheduler,
+                cond,
+                uncond,
+                guidance_scale=w,
+                sampler=sampler,
+                steps=steps,
+                eta=eta,
+                generator=seed,
+                guidance_t_min=guidance_t_min,
+            )
         judged = {}
         for split, held in (("seen", False), ("held_out", True)):
             idx = [i for i, p in enumerate(prompts) if p["held_out"] == held]

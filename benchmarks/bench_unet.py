@@ -50,16 +50,28 @@ import statistics
 import sys
 import time
 
-
 import torch
 import torch.nn.functional as F
 
-from diffusion_model import UNet, UNetConfig
 from configurator import UserError, parse_config, pick_device, run_cli
+from diffusion_model import UNet, UNetConfig
 
-DEFAULTS = dict(image_sizes=(32, 64), batch_size=16, context_len=16, repeats=5, steps=0, base_channels=64,
-                channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2), n_heads=4, context_dim=384,
-                device="auto", compile=False, threads=0)
+DEFAULTS = dict(
+    image_sizes=(32, 64),
+    batch_size=16,
+    context_len=16,
+    repeats=5,
+    steps=0,
+    base_channels=64,
+    channel_mults=(1, 2, 2),
+    num_res_blocks=2,
+    attention_levels=(1, 2),
+    n_heads=4,
+    context_dim=384,
+    device="auto",
+    compile=False,
+    threads=0,
+)
 DIFFUSERS_NORM_GROUPS = 32  # one value for every GroupNorm; divides every width, since base_channels % 32 == 0
 MAX_PARAM_MISMATCH = 0.10
 
@@ -68,7 +80,9 @@ def bf16_peak_flops(gpu_name):
     """Dense bf16 tensor-core peak (FLOP/s) of the GPUs we know, else None."""
     if "H200" in gpu_name:
         return 989e12
-    if "H100" in gpu_name and ("SXM" in gpu_name or "HBM3" in gpu_name):  # the SXM card calls itself "NVIDIA H100 80GB HBM3"
+    if "H100" in gpu_name and (
+        "SXM" in gpu_name or "HBM3" in gpu_name
+    ):  # the SXM card calls itself "NVIDIA H100 80GB HBM3"
         return 989e12
     return None
 
@@ -142,7 +156,10 @@ def make_batch(cfg, batch_size, context_len, device, channels_last=False):
     target = torch.randn(B, cfg.in_channels, S, S, generator=g)
     x, target = x.to(device), target.to(device)
     if channels_last:
-        x, target = x.contiguous(memory_format=torch.channels_last), target.contiguous(memory_format=torch.channels_last)
+        x, target = (
+            x.contiguous(memory_format=torch.channels_last),
+            target.contiguous(memory_format=torch.channels_last),
+        )
     return x, t.to(device), context.to(device), mask.to(device), target
 
 
@@ -256,32 +273,49 @@ def main(argv):
     peak = bf16_peak_flops(torch.cuda.get_device_name(device)) if cuda else None
     import diffusers
 
-    print(f"device {device} ({machine_name(device)}) | {'bf16 autocast, channels_last' if cuda else 'fp32'} | "
-          f"batch {B}, {L} text tokens | {C.repeats} interleaved rounds of {steps} steps after warm-up")
+    print(
+        f"device {device} ({machine_name(device)}) | {'bf16 autocast, channels_last' if cuda else 'fp32'} | "
+        f"batch {B}, {L} text tokens | {C.repeats} interleaved rounds of {steps} steps after warm-up"
+    )
     rows = []
     for size in C.image_sizes:
         try:
-            cfg = UNetConfig(image_size=size, base_channels=C.base_channels, channel_mults=C.channel_mults,
-                             num_res_blocks=C.num_res_blocks, attention_levels=C.attention_levels,
-                             n_heads=C.n_heads, context_dim=C.context_dim)
+            cfg = UNetConfig(
+                image_size=size,
+                base_channels=C.base_channels,
+                channel_mults=C.channel_mults,
+                num_res_blocks=C.num_res_blocks,
+                attention_levels=C.attention_levels,
+                n_heads=C.n_heads,
+                context_dim=C.context_dim,
+            )
         except ValueError as e:
             raise UserError(str(e)) from None
         models = {which: build(which, cfg, device, channels_last=cuda) for which in ("ours", "diffusers")}
 
         n = {which: count_params(m) for which, m in models.items()}
         ratio = n["ours"] / n["diffusers"]
-        print(f"\n{size}px: params ours {n['ours'] / 1e6:.3f}M, diffusers {n['diffusers'] / 1e6:.3f}M, ours/diffusers {ratio:.4f}")
+        print(
+            f"\n{size}px: params ours {n['ours'] / 1e6:.3f}M, diffusers {n['diffusers'] / 1e6:.3f}M, ours/diffusers {ratio:.4f}"
+        )
         if abs(ratio - 1) > MAX_PARAM_MISMATCH:
-            print(f"FAIL: the parameter counts differ by {abs(ratio - 1):.1%} (> {MAX_PARAM_MISMATCH:.0%}): the diffusers "
-                  f"model is not built to our layout, so its timings would compare different networks", file=sys.stderr)
+            print(
+                f"FAIL: the parameter counts differ by {abs(ratio - 1):.1%} (> {MAX_PARAM_MISMATCH:.0%}): the diffusers "
+                f"model is not built to our layout, so its timings would compare different networks",
+                file=sys.stderr,
+            )
             sys.exit(1)
         groups = [m.num_groups for m in models["ours"].modules() if isinstance(m, torch.nn.GroupNorm)]
-        print(f"{size}px: GroupNorm groups: diffusers {DIFFUSERS_NORM_GROUPS} everywhere; ours min(32, C/4): 32 in "
-              f"{groups.count(32)} of {len(groups)} layers, fewer in the rest ({sorted(set(groups))})")
+        print(
+            f"{size}px: GroupNorm groups: diffusers {DIFFUSERS_NORM_GROUPS} everywhere; ours min(32, C/4): 32 in "
+            f"{groups.count(32)} of {len(groups)} layers, fewer in the rest ({sorted(set(groups))})"
+        )
         print(f"{size}px: diffusers config {diffusers_kwargs(cfg)}")
         flops = {which: step_flops(which, m, cfg, L, device) * B for which, m in models.items()}
-        print(f"{size}px: training-step FLOPs (fwd + bwd, batch {B}): ours {flops['ours'] / 1e9:.1f} G, "
-              f"diffusers {flops['diffusers'] / 1e9:.1f} G")
+        print(
+            f"{size}px: training-step FLOPs (fwd + bwd, batch {B}): ours {flops['ours'] / 1e9:.1f} G, "
+            f"diffusers {flops['diffusers'] / 1e9:.1f} G"
+        )
 
         batch = make_batch(cfg, B, L, device, channels_last=cuda)
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -309,12 +343,16 @@ def main(argv):
                     run(which, steps)
                     sync()
                     seconds[which].append(time.perf_counter() - t0)
-                print(f"{size}px {mode}: round {r + 1}/{C.repeats}: " +
-                      ", ".join(f"{which} {steps * B / seconds[which][-1]:.1f} img/s" for which in runners))
+                print(
+                    f"{size}px {mode}: round {r + 1}/{C.repeats}: "
+                    + ", ".join(f"{which} {steps * B / seconds[which][-1]:.1f} img/s" for which in runners)
+                )
             img_s = {which: steps * B / statistics.median(s) for which, s in seconds.items()}
 
             if cuda:
-                mem = {which: cuda_peak_mib(which, runners[which], optimizers[which], batch, autocast) for which in runners}
+                mem = {
+                    which: cuda_peak_mib(which, runners[which], optimizers[which], batch, autocast) for which in runners
+                }
             elif mode == "eager":
                 mem = {which: cpu_peak_rss_mib(which, cfg, B, L, C.threads) for which in runners}
             else:
@@ -322,18 +360,30 @@ def main(argv):
             mfu = {which: flops[which] * img_s[which] / B / peak if peak else None for which in runners}
             rows.append((size, mode, img_s, mem, mfu))
 
-    mem_how = "CUDA max_memory_allocated, model alone" if cuda else "peak RSS of a fresh process, 2 steps, minus its RSS before the model"
-    print(f"\nTraining step (forward + MSE + backward + AdamW), median of {C.repeats} interleaved rounds; "
-          f"peak memory: {mem_how}; MFU: FLOP/s over the GPU's dense bf16 peak")
-    print("| image | mode | ours img/s | diffusers img/s | ours/diffusers | ours peak MiB | diffusers peak MiB | ours MFU | diffusers MFU |")
+    mem_how = (
+        "CUDA max_memory_allocated, model alone"
+        if cuda
+        else "peak RSS of a fresh process, 2 steps, minus its RSS before the model"
+    )
+    print(
+        f"\nTraining step (forward + MSE + backward + AdamW), median of {C.repeats} interleaved rounds; "
+        f"peak memory: {mem_how}; MFU: FLOP/s over the GPU's dense bf16 peak"
+    )
+    print(
+        "| image | mode | ours img/s | diffusers img/s | ours/diffusers | ours peak MiB | diffusers peak MiB | ours MFU | diffusers MFU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     fmt_mem = lambda v: "n/a" if v is None else f"{v:.0f}"
     fmt_mfu = lambda v: "n/a" if v is None else f"{v:.1%}"
     for size, mode, img_s, mem, mfu in rows:
-        print(f"| {size}px | {mode} | {img_s['ours']:.1f} | {img_s['diffusers']:.1f} | {img_s['ours'] / img_s['diffusers']:.2f} | "
-              f"{fmt_mem(mem['ours'])} | {fmt_mem(mem['diffusers'])} | {fmt_mfu(mfu['ours'])} | {fmt_mfu(mfu['diffusers'])} |")
-    print(f"\nmachine: {machine_name(device)} | torch {torch.__version__} | diffusers {diffusers.__version__} | "
-          f"command: python -m benchmarks.bench_unet {shlex.join(argv)}".rstrip())
+        print(
+            f"| {size}px | {mode} | {img_s['ours']:.1f} | {img_s['diffusers']:.1f} | {img_s['ours'] / img_s['diffusers']:.2f} | "
+            f"{fmt_mem(mem['ours'])} | {fmt_mem(mem['diffusers'])} | {fmt_mfu(mfu['ours'])} | {fmt_mfu(mfu['diffusers'])} |"
+        )
+    print(
+        f"\nmachine: {machine_name(device)} | torch {torch.__version__} | diffusers {diffusers.__version__} | "
+        f"command: python -m benchmarks.bench_unet {shlex.join(argv)}".rstrip()
+    )
     return rows
 
 

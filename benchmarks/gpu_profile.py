@@ -15,15 +15,25 @@ import contextlib
 import sys
 import time
 
-
 import torch
 
 from benchmarks.bench_unet import make_batch, train_step
-from diffusion_model import UNet, UNetConfig
 from configurator import parse_config, pick_device, run_cli
+from diffusion_model import UNet, UNetConfig
 
-DEFAULTS = dict(image_size=64, batch_size=256, steps=10, rows=25, device="auto", base_channels=64, channel_mults=(1, 2, 2),
-                num_res_blocks=2, attention_levels=(1, 2), n_heads=4, context_dim=384)
+DEFAULTS = dict(
+    image_size=64,
+    batch_size=256,
+    steps=10,
+    rows=25,
+    device="auto",
+    base_channels=64,
+    channel_mults=(1, 2, 2),
+    num_res_blocks=2,
+    attention_levels=(1, 2),
+    n_heads=4,
+    context_dim=384,
+)
 VARIANTS = [  # name, channels_last, cudnn.benchmark, fp32 (TF32) without autocast
     ("baseline: autocast bf16, channels_last", True, False, False),
     ("autocast bf16, contiguous (NCHW)", False, False, False),
@@ -36,15 +46,23 @@ def main(argv):
     C, _ = parse_config(argv, DEFAULTS)
     device = pick_device(C.device)
     cuda = device.type == "cuda"
-    cfg = UNetConfig(image_size=C.image_size, base_channels=C.base_channels, channel_mults=C.channel_mults,
-                     num_res_blocks=C.num_res_blocks, attention_levels=C.attention_levels, n_heads=C.n_heads,
-                     context_dim=C.context_dim)
+    cfg = UNetConfig(
+        image_size=C.image_size,
+        base_channels=C.base_channels,
+        channel_mults=C.channel_mults,
+        num_res_blocks=C.num_res_blocks,
+        attention_levels=C.attention_levels,
+        n_heads=C.n_heads,
+        context_dim=C.context_dim,
+    )
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    print(f"{torch.cuda.get_device_name(device) if cuda else 'cpu'} | torch {torch.__version__} | "
-          f"{C.image_size}px, batch {C.batch_size}, {C.steps} timed steps per variant")
+    print(
+        f"{torch.cuda.get_device_name(device) if cuda else 'cpu'} | torch {torch.__version__} | "
+        f"{C.image_size}px, batch {C.batch_size}, {C.steps} timed steps per variant"
+    )
 
     def setup(channels_last, fp32):
         torch.manual_seed(0)

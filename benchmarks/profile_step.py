@@ -111,7 +111,9 @@ def analyse(stats, top):
             other[label(func)] = seconds
     for what, seconds in model.items():
         if seconds == 0.0:
-            raise UserError(f"no {what} time found among train()'s calls: train_diffusion.py or torch changed, update MODEL")
+            raise UserError(
+                f"no {what} time found among train()'s calls: train_diffusion.py or torch changed, update MODEL"
+            )
 
     loop = main_total - sum(setup.values())
     outside = loop - sum(model.values())
@@ -140,14 +142,23 @@ def main(argv):
         raise UserError("--max_steps must be >= 1")
     extra = shlex.split(C.extra)
     if any(a.startswith("--max_steps=") for a in extra):
-        raise UserError("pass --max_steps to this script, not in --extra (it also sets the eval/sample/checkpoint intervals)")
+        raise UserError(
+            "pass --max_steps to this script, not in --extra (it also sets the eval/sample/checkpoint intervals)"
+        )
     keep_out_dir = any(a.startswith("--out_dir=") for a in extra)
     out_dir = None if keep_out_dir else tempfile.mkdtemp(prefix="profile_step_")
     n = C.max_steps
     # train_diffusion.py takes config files before any --key=value: a recipe file in --extra goes first
     files = [a for a in extra if not a.startswith("--")]
-    args = files + ["--dataset=shapes", "--text_encoder=minilm", "--wandb_mode=disabled", f"--max_steps={n}",
-                    f"--eval_interval={n + 1}", f"--sample_interval={n + 1}", f"--ckpt_interval={n + 1}"]
+    args = files + [
+        "--dataset=shapes",
+        "--text_encoder=minilm",
+        "--wandb_mode=disabled",
+        f"--max_steps={n}",
+        f"--eval_interval={n + 1}",
+        f"--sample_interval={n + 1}",
+        f"--ckpt_interval={n + 1}",
+    ]
     args += [] if keep_out_dir else [f"--out_dir={out_dir}"]
     args += [a for a in extra if a.startswith("--")]
     print("train_diffusion.py " + shlex.join(args))

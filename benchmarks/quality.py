@@ -32,8 +32,21 @@ import image_quality as iq
 from configurator import UserError, parse_config, pick_device, run_cli
 from image_data import load_art, save_grid
 
-DEFAULTS = dict(dataset="", checkpoint="", image_size=32, seed=0, val_fraction=0.2, eval_images=256, guidance=3.0,
-                guidance_t_min=300, steps=25, eta=0.0, sample_seed=0, device="auto", out="")
+DEFAULTS = dict(
+    dataset="",
+    checkpoint="",
+    image_size=32,
+    seed=0,
+    val_fraction=0.2,
+    eval_images=256,
+    guidance=3.0,
+    guidance_t_min=300,
+    steps=25,
+    eta=0.0,
+    sample_seed=0,
+    device="auto",
+    out="",
+)
 
 
 def probe_scores(fe_train, cap_train, fe_held, cap_held):
@@ -56,31 +69,41 @@ def validate(C, fe):
     f_sub = f_train[idx]
     everything = torch.cat([f_train, f_held])
     halves = torch.randperm(len(everything), generator=g)
-    a, b = everything[halves[: len(everything) // 2]], everything[halves[len(everything) // 2:]]
-    rows = [("two halves of all the art", iq.kid(a, b), iq.frechet_distance(a, b)),
-            (f"{n} training images (floor)", iq.kid(f_held, f_sub), iq.frechet_distance(f_held, f_sub))]
+    a, b = everything[halves[: len(everything) // 2]], everything[halves[len(everything) // 2 :]]
+    rows = [
+        ("two halves of all the art", iq.kid(a, b), iq.frechet_distance(a, b)),
+        (f"{n} training images (floor)", iq.kid(f_held, f_sub), iq.frechet_distance(f_held, f_sub)),
+    ]
     for sigma in (0.5, 1.0, 2.0):
         f = fe(iq.blur(sub, sigma))
         rows.append((f"blurred by {sigma:g} px", iq.kid(f_held, f), iq.frechet_distance(f_held, f)))
     for std in (0.05, 0.1, 0.2):
         f = fe(iq.add_noise(sub, std, seed=C.seed))
         rows.append((f"noise of std {std:g}", iq.kid(f_held, f), iq.frechet_distance(f_held, f)))
-    print(f"\n{C.dataset} at {C.image_size} px: {len(train)} training / {n} held-out images; features {time.time() - t0:.0f} s")
+    print(
+        f"\n{C.dataset} at {C.image_size} px: {len(train)} training / {n} held-out images; features {time.time() - t0:.0f} s"
+    )
     print(f"\n| {n} images against the {n} held-out | KID x1000 | FD |")
     print("|---|---|---|")
     for name, (k, s), fd in rows:
         print(f"| {name} | {k:.2f} ± {s:.2f} | {fd:.1f} |")
     threshold = iq.copy_threshold(f_held, f_train)
-    h1, h2 = f_held[: n // 2], f_held[n // 2:]
+    h1, h2 = f_held[: n // 2], f_held[n // 2 :]
     print(f"\ncopy threshold (99th percentile of held-out-to-train similarity): {threshold:.4f}")
     print(f"copy share of {n} training images presented as samples: {iq.copy_share(f_sub, f_train, threshold):.3f}")
-    print(f"copy share of held-out art, threshold from the other half: {iq.copy_share(h2, f_train, iq.copy_threshold(h1, f_train)):.3f}"
-          f" and {iq.copy_share(h1, f_train, iq.copy_threshold(h2, f_train)):.3f}")
+    print(
+        f"copy share of held-out art, threshold from the other half: {iq.copy_share(h2, f_train, iq.copy_threshold(h1, f_train)):.3f}"
+        f" and {iq.copy_share(h1, f_train, iq.copy_threshold(h2, f_train)):.3f}"
+    )
     _, ceiling, floor = probe_scores(f_train, cap_train, f_held, cap_held)
     if ceiling is not None:
         print(f"type probe: held-out real art {ceiling:.3f} (ceiling), majority type {floor:.3f} (floor)")
-    return dict(rows={name: dict(kid=k, kid_std=s, fd=fd) for name, (k, s), fd in rows}, threshold=threshold,
-                probe_ceiling=ceiling, probe_floor=floor)
+    return dict(
+        rows={name: dict(kid=k, kid_std=s, fd=fd) for name, (k, s), fd in rows},
+        threshold=threshold,
+        probe_ceiling=ceiling,
+        probe_floor=floor,
+    )
 
 
 @torch.no_grad()
@@ -94,28 +117,51 @@ def judge_checkpoint(C, fe, device):
         raise UserError(f"no checkpoint in {C.checkpoint}: pass --checkpoint=<ckpt.pt or run folder>")
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    train, cap_train, held, cap_held = load_art(C.dataset, ckpt["model_args"]["image_size"], cfg["seed"], cfg["val_fraction"],
-                                                cfg["eval_images"])
+    train, cap_train, held, cap_held = load_art(
+        C.dataset, ckpt["model_args"]["image_size"], cfg["seed"], cfg["val_fraction"], cfg["eval_images"]
+    )
     model = build_model(ckpt, "ema").to(device).eval()
     scheduler = build_scheduler(ckpt).to(device)
     encoder = TextEncoder(ckpt["text_encoder"], device)
     cond, uncond = embed_prompts(encoder, cap_held, device)
     t0 = time.time()
-    samples = sample(model, scheduler, cond, uncond, guidance_scale=C.guidance, sampler="ddim", steps=C.steps, eta=C.eta,
-                     generator=[torch.Generator().manual_seed(C.sample_seed * 100003 + i) for i in range(len(cap_held))],  # as in training
-                     guidance_t_min=C.guidance_t_min)
+    samples = sample(
+        model,
+        scheduler,
+        cond,
+        uncond,
+        guidance_scale=C.guidance,
+        sampler="ddim",
+        steps=C.steps,
+        eta=C.eta,
+        generator=[
+            torch.Generator().manual_seed(C.sample_seed * 100003 + i) for i in range(len(cap_held))
+        ],  # as in training
+        guidance_t_min=C.guidance_t_min,
+    )
     seconds = time.time() - t0
     f_train, f_held, f_samples = fe(train), fe(held), fe(samples)
     threshold = iq.copy_threshold(f_held, f_train)
     kid_own = iq.kid(f_held, f_samples)
     own, other = iq.caption_similarity(f_samples, f_held)
-    res = dict(checkpoint=path, step=ckpt["step"], kid=kid_own[0], kid_std=kid_own[1], fd=iq.frechet_distance(f_held, f_samples),
-               copy_share=iq.copy_share(f_samples, f_train, threshold), sim_own_caption=own, sim_other_caption=other,
-               sample_seconds=seconds)
+    res = dict(
+        checkpoint=path,
+        step=ckpt["step"],
+        kid=kid_own[0],
+        kid_std=kid_own[1],
+        fd=iq.frechet_distance(f_held, f_samples),
+        copy_share=iq.copy_share(f_samples, f_train, threshold),
+        sim_own_caption=own,
+        sim_other_caption=other,
+        sample_seconds=seconds,
+    )
     probe, ceiling, floor = probe_scores(f_train, cap_train, f_held, cap_held)
     if probe is not None:
-        res.update(probe_samples=probe.accuracy(f_samples, [iq.primary_type(c) for c in cap_held]), probe_ceiling=ceiling,
-                   probe_floor=floor)
+        res.update(
+            probe_samples=probe.accuracy(f_samples, [iq.primary_type(c) for c in cap_held]),
+            probe_ceiling=ceiling,
+            probe_floor=floor,
+        )
     print(json.dumps(res, indent=1))
     grid = torch.cat([samples[:8].cpu(), held[:8].float() / 127.5 - 1])
     grid_path = C.out or os.path.join(os.path.dirname(path), f"quality_samples_{ckpt['step']:07d}.png")

@@ -3,6 +3,7 @@ U-Net (118.9 M with MiniLM's narrower tokens), 30,000 steps of 64 images a GPU. 
 and what it draws have not been measured yet. These are also the defaults of train_diffusion.py;
 this file names them, sets the dataset instead of `auto`, and holds out a fifth of the art, enough
 for the in-training KID against held-out art (image_quality.py)."""
+
 dataset = "pokemon"
 text_encoder = "openai/clip-vit-base-patch32"
 image_size = 64

@@ -2,6 +2,7 @@
 text encoder at 16 px, a 1.2 M-parameter U-Net, 3000 steps of 32 images, roughly 10-12 minutes on
 2 cores. v-prediction, positions on the image tokens and varied captions, as in the CPU recipe
 (config/shapes_cpu.py), which trains the same U-Net at 32 px on 2x2 patches in about the same time."""
+
 dataset = "shapes"
 text_encoder = "minilm"
 shapes_captions = "varied"

@@ -7,7 +7,6 @@ images of the shapes dataset, with the repo's own NoiseScheduler.
 
 import os
 
-
 import torch
 
 import shapes
@@ -26,5 +25,7 @@ if __name__ == "__main__":
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forward_process.png")
     save_grid(grid.clamp(-1, 1), out, nrow=len(TIMESTEPS))
     abar = scheduler.alphas_cumprod
-    print(f"wrote {out}: columns t = {TIMESTEPS}, sqrt(abar_t) = {[round(abar[t].sqrt().item(), 3) for t in TIMESTEPS]}")
+    print(
+        f"wrote {out}: columns t = {TIMESTEPS}, sqrt(abar_t) = {[round(abar[t].sqrt().item(), 3) for t in TIMESTEPS]}"
+    )
     print("rows:", captions)

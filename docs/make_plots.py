@@ -38,7 +38,12 @@ def read_log(path):
             if not isinstance(step, (int, float)):
                 continue
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                if (
+                    key != "step"
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                ):
                     series.setdefault(key, []).append((step, value))
     return series
 
@@ -53,8 +58,12 @@ def log_path(arg):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders (or their log.jsonl files)")
-    p.add_argument("--prefixes", nargs="+", default=DEFAULT_PREFIXES,
-                   help=f"plot the numeric keys that start with any of these (default: {' '.join(DEFAULT_PREFIXES)})")
+    p.add_argument(
+        "--prefixes",
+        nargs="+",
+        default=DEFAULT_PREFIXES,
+        help=f"plot the numeric keys that start with any of these (default: {' '.join(DEFAULT_PREFIXES)})",
+    )
     p.add_argument("--out", default="training_curves.png", help="the PNG to write")
     p.add_argument("--cols", type=int, default=4, help="subplots per row")
     args = p.parse_args(argv)
@@ -68,7 +77,9 @@ def main(argv=None):
     keys = sorted({k for _, series in runs for k in series if any(k.startswith(pre) for pre in args.prefixes)})
     if not keys:
         found = sorted({k for _, series in runs for k in series})
-        sys.exit(f"error: no numeric key starts with {' or '.join(args.prefixes)}; the logs hold: {', '.join(found) or 'nothing'}")
+        sys.exit(
+            f"error: no numeric key starts with {' or '.join(args.prefixes)}; the logs hold: {', '.join(found) or 'nothing'}"
+        )
 
     import matplotlib
 
@@ -90,7 +101,7 @@ def main(argv=None):
         if key.startswith("adherence/"):
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     for ax in axes.flat:  # the first subplot may lack a run that logged no value for its key

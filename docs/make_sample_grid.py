@@ -34,19 +34,33 @@ def main():
 
     ckpt = load_checkpoint(os.path.join(args.run, "ckpt.pt"))
     C = ckpt["config"]
-    _, _, held, cap_held = load_art(args.dataset, ckpt["model_args"]["image_size"], C["seed"], C["val_fraction"],
-                                    C["eval_images"])
+    _, _, held, cap_held = load_art(
+        args.dataset, ckpt["model_args"]["image_size"], C["seed"], C["val_fraction"], C["eval_images"]
+    )
     held, captions = held[:8], cap_held[:8]
     torch.manual_seed(C["seed"])
     untrained = UNet(UNetConfig(**ckpt["model_args"])).eval()
     cond, uncond = embed_prompts(TextEncoder(ckpt["text_encoder"]), captions, torch.device("cpu"))
-    rows = [sample(untrained, build_scheduler(ckpt), cond, uncond, guidance_scale=C["sample_guidance"], sampler="ddim",
-                   steps=C["sample_steps"], eta=C["sample_eta"], generator=C["seed"],
-                   guidance_t_min=C["sample_guidance_t_min"])]
+    rows = [
+        sample(
+            untrained,
+            build_scheduler(ckpt),
+            cond,
+            uncond,
+            guidance_scale=C["sample_guidance"],
+            sampler="ddim",
+            steps=C["sample_steps"],
+            eta=C["sample_eta"],
+            generator=C["seed"],
+            guidance_t_min=C["sample_guidance_t_min"],
+        )
+    ]
     size = held.shape[-1]
     for path in sorted(glob.glob(os.path.join(args.run, "samples_*.png"))):
         grid = read_image(path)[:3].float() / 127.5 - 1  # one row of 8, 2 px padding between and around
-        rows.append(torch.stack([grid[:, 2:2 + size, 2 + i * (size + 2):2 + i * (size + 2) + size] for i in range(8)]))
+        rows.append(
+            torch.stack([grid[:, 2 : 2 + size, 2 + i * (size + 2) : 2 + i * (size + 2) + size] for i in range(8)])
+        )
         print(f"row {len(rows)}: {os.path.basename(path)}")
     rows.append(held.float() / 127.5 - 1)
     out = args.out or os.path.join(args.run, "grid_over_training.png")

@@ -24,9 +24,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "tests", "tiny_run.py")
 # A tiny offline run on the CPU: shapes, packaged MiniLM, 16 px, 256 images, a 2-level U-Net of base 32 on
 # 2x2 patches (tests/tiny_run.py holds the settings not written here).
-TINY = [TINY_CONFIG, "--device=cpu", "--dataset=shapes", "--text_encoder=minilm", "--shapes_num_images=256", "--image_size=16", "--base_channels=32",
-        "--channel_mults=1,2", "--num_res_blocks=1", "--attention_levels=1", "--n_heads=2", "--batch_size=16",
-        "--wandb_mode=disabled", "--sample_steps=3", "--eval_images=32", "--warmup_steps=5", "--lr=1e-3"]
+TINY = [
+    TINY_CONFIG,
+    "--device=cpu",
+    "--dataset=shapes",
+    "--text_encoder=minilm",
+    "--shapes_num_images=256",
+    "--image_size=16",
+    "--base_channels=32",
+    "--channel_mults=1,2",
+    "--num_res_blocks=1",
+    "--attention_levels=1",
+    "--n_heads=2",
+    "--batch_size=16",
+    "--wandb_mode=disabled",
+    "--sample_steps=3",
+    "--eval_images=32",
+    "--warmup_steps=5",
+    "--lr=1e-3",
+]
 
 
 def pytest_configure(config):
@@ -79,30 +95,38 @@ def tiny():
 def small(tiny):
     """small(**over): the tiny run with 64 images, batch 4, a log line every step and no
     evaluation after step 0, any key overridden, as --key=value arguments."""
+
     def make(**over):
         files = [a for a in tiny if not a.startswith("--")]
         cfg = dict(a[2:].split("=", 1) for a in tiny if a.startswith("--"))
         cfg.update(shapes_num_images=64, batch_size=4, log_interval=1, eval_interval=1000, sample_interval=1000)
         cfg.update(over)
         return files + [f"--{k}={v}" for k, v in cfg.items()]
+
     return make
 
 
 @pytest.fixture(scope="session")
 def read_log():
     """read_log(run_dir): the run's log.jsonl as a list of dicts."""
+
     def read(run_dir):
         with open(os.path.join(run_dir, "log.jsonl")) as f:
             return [json.loads(line) for line in f]
+
     return read
 
 
 @pytest.fixture(scope="session")
 def run_script():
     """run_script(args, timeout): run `python <args>` from the root, offline, and capture its output."""
+
     def run(args, timeout=300, **kw):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-        return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+        return subprocess.run(
+            [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw
+        )
+
     return run
 
 
@@ -118,6 +142,7 @@ def train_in_process():
         finally:
             signal.signal(signal.SIGINT, saved[0])
             signal.signal(signal.SIGTERM, saved[1])
+
     return train
 
 
@@ -136,6 +161,7 @@ def _gloo_rank(rank, init_file, results, fn):
 def two_ranks():
     """two_ranks(fn): fn(sysinfo) in two processes joined by gloo on the CPU, as torchrun would
     join them; returns {rank: what fn returned}. fn must be a module-level function (or a partial)."""
+
     def run(fn):
         import torch.multiprocessing as mp
 
@@ -143,4 +169,5 @@ def two_ranks():
             results = mp.Manager().dict()
             mp.spawn(_gloo_rank, args=(os.path.join(d, "init"), results, fn), nprocs=2)
             return dict(results)
+
     return run

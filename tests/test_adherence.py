@@ -13,8 +13,13 @@ import text_encoders
 
 # the 16 px CPU recipe (the quick one), shortened to fit a test (README, "Results": position reaches 1.00 on the
 # in-training judge by step 1000 of the recipe)
-RECIPE = ["config/shapes_16px.py", "--wandb_mode=disabled", "--eval_interval=100000", "--sample_interval=100000",
-          "--ckpt_interval=100000"]
+RECIPE = [
+    "config/shapes_16px.py",
+    "--wandb_mode=disabled",
+    "--eval_interval=100000",
+    "--sample_interval=100000",
+    "--ckpt_interval=100000",
+]
 TEST_STEPS = 1500
 
 
@@ -25,8 +30,9 @@ def test_trained_model_follows_color_and_position_and_cfg_beats_no_guidance(trai
     model = checkpoints.build_model(ckpt, "ema").eval()
     scheduler = checkpoints.build_scheduler(ckpt)
     prompts = shapes.eval_prompts()
-    cond, uncond = text_encoders.embed_prompts(text_encoders.TextEncoder("minilm"), [p["caption"] for p in prompts],
-                                               torch.device("cpu"))
+    cond, uncond = text_encoders.embed_prompts(
+        text_encoders.TextEncoder("minilm"), [p["caption"] for p in prompts], torch.device("cpu")
+    )
     score = {0.0: dict(color=0.0, position=0.0), 3.0: dict(color=0.0, position=0.0)}
     for seed in (0, 1):  # two seeds x 27 prompts (seen and held-out pairs), deterministic DDIM-25
         res = shapes.sample_adherence(model, scheduler, prompts, cond, uncond, (0.0, 3.0), steps=25, seed=seed, eta=0.0)

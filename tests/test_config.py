@@ -62,8 +62,11 @@ def expected_valid(value, spec):
         return isinstance(value, str) and value.strip() != ""
     m = TUPLE_SPEC.match(spec)
     if m:
-        return (isinstance(value, tuple) and len(value) >= int(m.group(1))
-                and all(isinstance(v, int) and in_interval(v, m.group(2)) for v in value))
+        return (
+            isinstance(value, tuple)
+            and len(value) >= int(m.group(1))
+            and all(isinstance(v, int) and in_interval(v, m.group(2)) for v in value)
+        )
     return in_interval(value, spec)
 
 
@@ -74,7 +77,14 @@ def candidates(default):
     if isinstance(default, int):
         return [("0", 0), ("-1", -1), (str(10**15), 10**15)]
     if isinstance(default, float):
-        return [("nan", float("nan")), ("inf", math.inf), ("-inf", -math.inf), ("-1", -1.0), ("0", 0.0), ("1e300", 1e300)]
+        return [
+            ("nan", float("nan")),
+            ("inf", math.inf),
+            ("-inf", -math.inf),
+            ("-1", -1.0),
+            ("0", 0.0),
+            ("1e300", 1e300),
+        ]
     if isinstance(default, str):
         return [("", ""), ("no_such_choice", "no_such_choice")]
     if isinstance(default, tuple):
@@ -96,6 +106,7 @@ class Hang(BaseException):
 
 def run_bounded(main, argv, seconds=10.0):
     """configurator.run_cli(main, argv) in this process: (exit code or None, seconds taken). A hang fails."""
+
     def on_alarm(signum, frame):
         raise Hang(f"{argv} still running after {seconds} s")
 
@@ -154,10 +165,24 @@ def test_the_independent_reading_of_the_notation_agrees_with_is_valid():
             for _, value in candidates(m.DEFAULTS[key]) + [(None, m.DEFAULTS[key])]:
                 assert expected_valid(value, spec) == configurator.is_valid(value, spec), (key, spec, value)
                 checked += 1
-    edges = [(0, "(0, 1]", False), (1, "(0, 1]", True), (1e-9, "(0, 1]", True), (1, "[0, 1)", False), (0.0, "[0, 1)", True),
-             (True, "[0, 1]", False), ("1", "[0, 1]", False), ((), "1+ of [1, 16]", False), ((), "0+ of [0, 15]", True),
-             ((16, 1), "1+ of [1, 16]", True), ((17,), "1+ of [1, 16]", False),
-             (" ", "nonempty", False), ("", "text", True), (0, "bool", False), ("v", ("v", "eps"), True), ("V", ("v", "eps"), False)]
+    edges = [
+        (0, "(0, 1]", False),
+        (1, "(0, 1]", True),
+        (1e-9, "(0, 1]", True),
+        (1, "[0, 1)", False),
+        (0.0, "[0, 1)", True),
+        (True, "[0, 1]", False),
+        ("1", "[0, 1]", False),
+        ((), "1+ of [1, 16]", False),
+        ((), "0+ of [0, 15]", True),
+        ((16, 1), "1+ of [1, 16]", True),
+        ((17,), "1+ of [1, 16]", False),
+        (" ", "nonempty", False),
+        ("", "text", True),
+        (0, "bool", False),
+        ("v", ("v", "eps"), True),
+        ("V", ("v", "eps"), False),
+    ]
     for value, spec, ok in edges:
         assert expected_valid(value, spec) == ok and configurator.is_valid(value, spec) == ok, (value, spec, ok)
     assert checked > 200
@@ -198,26 +223,35 @@ def test_a_bool_key_that_is_not_true_or_false_is_one_line(capsys, sandbox, scrip
     bools = [k for k, v in m.DEFAULTS.items() if isinstance(v, bool)]
     assert bools
     for key in bools:
-        line = assert_refused_in_one_line(capsys, m.main, [f"--out_dir={sandbox / 'out'}", f"--{key}=maybe"], sandbox, f"--{key}=maybe")
+        line = assert_refused_in_one_line(
+            capsys, m.main, [f"--out_dir={sandbox / 'out'}", f"--{key}=maybe"], sandbox, f"--{key}=maybe"
+        )
         assert "expected true or false" in line, line
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--min_lr=1e-3", "--lr=1e-4"], "--min_lr=0.001 is above --lr=0.0001"),
-    (["--sample_steps=2000"], "--sample_steps=2000 is more than --num_timesteps=1000"),
-    (["--channel_mults=1,2", "--attention_levels=2"], "--attention_levels=2: levels are 0..1"),
-    (["--n_heads=3"], "do not divide into n_heads=3"),
-    (["--base_channels=48"], "base_channels 48 must be a multiple of 32"),
-    (["--image_size=18", "--channel_mults=1,2,2"], "--image_size"),
-], ids=["min_lr>lr", "sample_steps>T", "attention_level", "heads", "base_channels", "image_size"])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--min_lr=1e-3", "--lr=1e-4"], "--min_lr=0.001 is above --lr=0.0001"),
+        (["--sample_steps=2000"], "--sample_steps=2000 is more than --num_timesteps=1000"),
+        (["--channel_mults=1,2", "--attention_levels=2"], "--attention_levels=2: levels are 0..1"),
+        (["--n_heads=3"], "do not divide into n_heads=3"),
+        (["--base_channels=48"], "base_channels 48 must be a multiple of 32"),
+        (["--image_size=18", "--channel_mults=1,2,2"], "--image_size"),
+    ],
+    ids=["min_lr>lr", "sample_steps>T", "attention_level", "heads", "base_channels", "image_size"],
+)
 def test_settings_that_do_not_fit_together_are_one_line(capsys, sandbox, argv, expected):
     assert_refused_in_one_line(capsys, td.main, [f"--out_dir={sandbox / 'out'}", *argv], sandbox, expected)
 
 
 def test_a_short_run_with_the_default_warmup_stays_legal(capsys):
     """warmup_steps above max_steps is a legal (if short) schedule: no check may refuse it."""
-    for argv in (["--max_steps=10"], [os.path.join(ROOT, "config", "pokemon_gpu.py"), "--max_steps=10"],
-                 [os.path.join(ROOT, "config", "shapes_cpu.py"), "--max_steps=10", "--warmup_steps=500"]):
+    for argv in (
+        ["--max_steps=10"],
+        [os.path.join(ROOT, "config", "pokemon_gpu.py"), "--max_steps=10"],
+        [os.path.join(ROOT, "config", "shapes_cpu.py"), "--max_steps=10", "--warmup_steps=500"],
+    ):
         C, explicit = td.configure(argv)
         assert C.max_steps == 10 and C.warmup_steps > C.max_steps and "max_steps" in explicit, (argv, vars(C))
     assert 0 < td.lr_at(0, C) <= C.lr and td.lr_at(9, C) <= C.lr
@@ -231,7 +265,11 @@ def test_every_key_has_a_range_and_every_default_is_in_it(script):
     m = SCRIPTS[script]
     assert set(m.RANGES) == set(m.DEFAULTS), set(m.RANGES) ^ set(m.DEFAULTS)
     for key, default in m.DEFAULTS.items():
-        assert configurator.is_valid(default, m.RANGES[key]) and expected_valid(default, m.RANGES[key]), (key, default, m.RANGES[key])
+        assert configurator.is_valid(default, m.RANGES[key]) and expected_valid(default, m.RANGES[key]), (
+            key,
+            default,
+            m.RANGES[key],
+        )
     configurator.parse_config([], m.DEFAULTS, m.RANGES)  # the defaults pass the script's own check
 
 
@@ -257,27 +295,37 @@ def write(path, text):
 
 def test_a_config_file_with_an_unknown_key_names_the_file_and_line(capsys, sandbox):
     path = write(sandbox / "bad.py", '"""doc"""\nlr = 1e-3\nnope = 1\n')
-    line = assert_refused_in_one_line(capsys, td.main, [path, f"--out_dir={sandbox / 'out'}"], sandbox, f"{path} line 3")
+    line = assert_refused_in_one_line(
+        capsys, td.main, [path, f"--out_dir={sandbox / 'out'}"], sandbox, f"{path} line 3"
+    )
     assert "unknown key nope" in line, line
 
 
 def test_a_config_file_value_of_the_wrong_type_is_one_line(capsys, sandbox):
     path = write(sandbox / "bad.py", 'batch_size = "big"\n')
-    line = assert_refused_in_one_line(capsys, td.main, [path, f"--out_dir={sandbox / 'out'}"], sandbox, f"{path} line 1")
+    line = assert_refused_in_one_line(
+        capsys, td.main, [path, f"--out_dir={sandbox / 'out'}"], sandbox, f"{path} line 1"
+    )
     assert "batch_size = 'big': expected an integer" in line, line
 
 
-@pytest.mark.parametrize("text, line_no, expected", [
-    ("lr = 1e-3 * 2\n", 1, "lr must be a literal"),
-    ('batch_size = 4\nmax_steps = int(open({marker!r}, "w").write("ran"))\n', 2, "max_steps must be a literal"),
-    ("import os\nos.system({touch!r})\n", 1, "only `key = value` assignments"),
-    ("lr = 1e-3\n__import__('pathlib').Path({marker!r}).touch()\n", 2, "only `key = value` assignments"),
-    ("lr, min_lr = 1e-3, 1e-4\n", 1, "only `key = value` assignments"),
-], ids=["arithmetic", "call", "import", "statement", "tuple-target"])
+@pytest.mark.parametrize(
+    "text, line_no, expected",
+    [
+        ("lr = 1e-3 * 2\n", 1, "lr must be a literal"),
+        ('batch_size = 4\nmax_steps = int(open({marker!r}, "w").write("ran"))\n', 2, "max_steps must be a literal"),
+        ("import os\nos.system({touch!r})\n", 1, "only `key = value` assignments"),
+        ("lr = 1e-3\n__import__('pathlib').Path({marker!r}).touch()\n", 2, "only `key = value` assignments"),
+        ("lr, min_lr = 1e-3, 1e-4\n", 1, "only `key = value` assignments"),
+    ],
+    ids=["arithmetic", "call", "import", "statement", "tuple-target"],
+)
 def test_a_config_file_with_code_is_refused_without_running_it(capsys, sandbox, text, line_no, expected):
     marker = str(sandbox / "ran")
     path = write(sandbox / "code.py", text.format(marker=marker, touch=f"touch {marker}"))
-    line = assert_refused_in_one_line(capsys, td.main, [path, f"--out_dir={sandbox / 'out'}"], sandbox, f"{path} line {line_no}")
+    line = assert_refused_in_one_line(
+        capsys, td.main, [path, f"--out_dir={sandbox / 'out'}"], sandbox, f"{path} line {line_no}"
+    )
     assert expected in line, line
     assert not os.path.exists(marker), "the config file was run"
 
@@ -315,21 +363,42 @@ def wait_until(condition, proc, timeout, what):
 
 def test_a_second_process_cannot_write_a_run_in_use(root, tiny, tmp_path):
     out = tmp_path / "out"
-    args = tiny + ["--max_steps=100000", "--ckpt_interval=2", "--eval_interval=100000", "--sample_interval=100000",
-                   "--wandb_mode=disabled", f"--out_dir={out}"]
+    args = tiny + [
+        "--max_steps=100000",
+        "--ckpt_interval=2",
+        "--eval_interval=100000",
+        "--sample_interval=100000",
+        "--wandb_mode=disabled",
+        f"--out_dir={out}",
+    ]
     with open(tmp_path / "first.err", "w") as first_err:
-        first = subprocess.Popen([sys.executable, "train_diffusion.py", *args], cwd=root, env=ENV, stdout=subprocess.DEVNULL,
-                                 stderr=first_err)
+        first = subprocess.Popen(
+            [sys.executable, "train_diffusion.py", *args],
+            cwd=root,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=first_err,
+        )
         try:
             # --resume=auto finds a run by its ckpt.pt: wait for the lock and the first checkpoint
-            wait_until(lambda: glob.glob(str(out / "*" / "run.lock")) and glob.glob(str(out / "*" / "ckpt.pt")), first, 400,
-                       "run.lock and ckpt.pt")
+            wait_until(
+                lambda: glob.glob(str(out / "*" / "run.lock")) and glob.glob(str(out / "*" / "ckpt.pt")),
+                first,
+                400,
+                "run.lock and ckpt.pt",
+            )
             (lock,) = glob.glob(str(out / "*" / "run.lock"))
             run_dir = os.path.dirname(lock)
             assert open(lock).read().split() == [str(first.pid), socket.gethostname()]
 
-            second = subprocess.run([sys.executable, "train_diffusion.py", *args, "--resume=auto"], cwd=root, env=ENV,
-                                    capture_output=True, text=True, timeout=150)  # a second writer would train on
+            second = subprocess.run(
+                [sys.executable, "train_diffusion.py", *args, "--resume=auto"],
+                cwd=root,
+                env=ENV,
+                capture_output=True,
+                text=True,
+                timeout=150,
+            )  # a second writer would train on
             assert second.returncode == 2, (second.returncode, second.stderr[-3000:])
             assert "Traceback" not in second.stderr, second.stderr
             errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
@@ -359,7 +428,9 @@ def dead_pid():
     return p.pid
 
 
-@pytest.mark.parametrize("holder", ["dead", "own"], ids=["a_dead_process", "this_process_pid_after_a_container_restart"])
+@pytest.mark.parametrize(
+    "holder", ["dead", "own"], ids=["a_dead_process", "this_process_pid_after_a_container_restart"]
+)
 def test_a_stale_lock_on_this_host_is_taken_over_with_a_warning(capsys, tmp_path, holder):
     pid = dead_pid() if holder == "dead" else os.getpid()
     lock = tmp_path / "run.lock"
@@ -390,7 +461,12 @@ def assert_lock_refused(tmp_path, holder, host, expected):
 def test_a_live_lock_on_this_host_is_one_line_and_left_alone(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        assert_lock_refused(tmp_path, live.pid, socket.gethostname(), f"run {tmp_path} is in use by process {live.pid} on {socket.gethostname()}")
+        assert_lock_refused(
+            tmp_path,
+            live.pid,
+            socket.gethostname(),
+            f"run {tmp_path} is in use by process {live.pid} on {socket.gethostname()}",
+        )
     finally:
         live.kill()
         live.wait()
@@ -400,8 +476,13 @@ def test_a_lock_from_another_host_names_the_file_to_delete_after_checking_that_h
     """This host cannot see another host's processes (a node that died, a new container): the line
     says what to check and which file to delete."""
     pid = dead_pid()
-    assert_lock_refused(tmp_path, pid, "some-other-host", f"locked by process {pid} on host some-other-host, which this host "
-                        f"cannot check: if no process on some-other-host trains this run any more, delete {tmp_path / 'run.lock'} and rerun")
+    assert_lock_refused(
+        tmp_path,
+        pid,
+        "some-other-host",
+        f"locked by process {pid} on host some-other-host, which this host "
+        f"cannot check: if no process on some-other-host trains this run any more, delete {tmp_path / 'run.lock'} and rerun",
+    )
 
 
 def test_the_lock_takes_no_posix_only_module_and_probes_liveness_without_os_kill_on_windows(monkeypatch):
@@ -410,8 +491,12 @@ def test_the_lock_takes_no_posix_only_module_and_probes_liveness_without_os_kill
     import ast
     import inspect
 
-    imported = {a.name.split(".")[0] for n in ast.walk(ast.parse(inspect.getsource(td))) if isinstance(n, (ast.Import, ast.ImportFrom))
-                for a in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])}
+    imported = {
+        a.name.split(".")[0]
+        for n in ast.walk(ast.parse(inspect.getsource(td)))
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])
+    }
     assert not imported & {"fcntl", "termios", "pwd", "grp", "resource"}, imported
     monkeypatch.setattr(os, "name", "nt")
     monkeypatch.setattr(os, "kill", lambda *a: pytest.fail("os.kill on Windows ends the process"))
@@ -444,16 +529,29 @@ def tiny_checkpoint(tiny, train_in_process, tmp_path_factory):
 
 
 def sample_into(run_dir, folder, *extra):
-    sd.main([f"--checkpoint={run_dir}", "--num_images=5", "--sampler=ddim", "--steps=3", "--device=cpu",
-             f"--out_dir={folder}", *extra])
+    sd.main(
+        [
+            f"--checkpoint={run_dir}",
+            "--num_images=5",
+            "--sampler=ddim",
+            "--steps=3",
+            "--device=cpu",
+            f"--out_dir={folder}",
+            *extra,
+        ]
+    )
     return {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
 
 
 @pytest.mark.parametrize("eta", ["0", "1"])
 def test_the_batch_size_does_not_change_the_images(tiny_checkpoint, tmp_path, eta):
-    by_batch = {b: sample_into(tiny_checkpoint, tmp_path / f"b{b}", f"--batch_size={b}", f"--eta={eta}") for b in (2, 5)}
+    by_batch = {
+        b: sample_into(tiny_checkpoint, tmp_path / f"b{b}", f"--batch_size={b}", f"--eta={eta}") for b in (2, 5)
+    }
     name = sd.NAME
-    expected = {f"{name}{s}.png" for s in ("", "_cfg")} | {f"{name}{s}_{i:03d}.png" for s in ("", "_cfg") for i in range(5)}
+    expected = {f"{name}{s}.png" for s in ("", "_cfg")} | {
+        f"{name}{s}_{i:03d}.png" for s in ("", "_cfg") for i in range(5)
+    }
     for b, files in by_batch.items():
         assert set(files) == expected, (b, sorted(files))
     for f in sorted(expected):
@@ -498,7 +596,9 @@ def test_auto_takes_cuda_then_mps_then_the_cpu_and_an_absent_device_is_one_line(
         if present:
             assert configurator.pick_device(name).type == name
         else:
-            with pytest.raises(configurator.UserError, match=f"--device={name} but .* use --device=cpu or --device=auto"):
+            with pytest.raises(
+                configurator.UserError, match=f"--device={name} but .* use --device=cpu or --device=auto"
+            ):
                 configurator.pick_device(name)
 
 

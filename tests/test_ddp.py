@@ -12,20 +12,36 @@ import torch
 import checkpoints
 import train_diffusion as td
 
+
 @pytest.fixture(scope="session")
 def ddp_args(tiny):
     return [a for a in tiny if not a.startswith("--batch_size")] + [
-        "--max_steps=12", "--log_interval=1", "--eval_interval=1000", "--sample_interval=1000", "--ckpt_interval=6",
-        "--dropout=0.1"]  # the GPU recipe's
+        "--max_steps=12",
+        "--log_interval=1",
+        "--eval_interval=1000",
+        "--sample_interval=1000",
+        "--ckpt_interval=6",
+        "--dropout=0.1",
+    ]  # the GPU recipe's
 
 
 @pytest.fixture(scope="session")
 def torchrun(root):
     """torchrun(args, nproc): train_diffusion.py under torch.distributed.run on nproc CPU processes (gloo)."""
+
     def run(args, nproc=2, timeout=400):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_diffusion.py", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "train_diffusion.py",
+            *args,
+        ]
         return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
     return run
 
 
@@ -58,7 +74,9 @@ def test_ddp_loss_matches_one_process_with_the_same_global_batch(read_log, torch
     r = torchrun(ddp_args + ["--dropout=0", "--batch_size=8", "--wandb_mode=disabled", f"--out_dir={tmp_path / 'ddp'}"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     ddp = {r["step"]: r["train/loss"] for r in read_log(glob.glob(str(tmp_path / "ddp" / "*"))[0]) if "train/loss" in r}
-    single_dir = td.main(ddp_args + ["--dropout=0", "--batch_size=16", "--wandb_mode=disabled", f"--out_dir={tmp_path / 'one'}"])
+    single_dir = td.main(
+        ddp_args + ["--dropout=0", "--batch_size=16", "--wandb_mode=disabled", f"--out_dir={tmp_path / 'one'}"]
+    )
     single = {r["step"]: r["train/loss"] for r in read_log(single_dir) if "train/loss" in r}
     assert single.keys() == ddp.keys()
     for k in single:
@@ -71,12 +89,27 @@ def test_ddp_checkpoint_resumes_under_torchrun_and_samples_unchanged(root, ddp_r
     ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     assert not any(k.startswith("module.") for k in ckpt["model"])  # loads into a plain U-Net
     checkpoints.build_model(ckpt)
-    r = torchrun(ddp_args + ["--batch_size=8", "--wandb_mode=disabled", "--max_steps=14", "--resume=auto", f"--out_dir={out}"])
+    r = torchrun(
+        ddp_args + ["--batch_size=8", "--wandb_mode=disabled", "--max_steps=14", "--resume=auto", f"--out_dir={out}"]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["step"] == 14
-    s = subprocess.run([sys.executable, "sample_diffusion.py", f"--checkpoint={run_dir}", "--sampler=ddim", "--steps=2",
-                        "--num_images=1", f"--out_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    s = subprocess.run(
+        [
+            sys.executable,
+            "sample_diffusion.py",
+            f"--checkpoint={run_dir}",
+            "--sampler=ddim",
+            "--steps=2",
+            "--num_images=1",
+            f"--out_dir={tmp_path}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert s.returncode == 0, s.stderr[-2000:]
     assert os.path.isfile(tmp_path / "generated_image_pokemon_cfg.png")
 

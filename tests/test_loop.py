@@ -34,6 +34,7 @@ def recorded_run(train_in_process, argv, monkeypatch, force_flips=False):
         def after_step(*_):  # the loop updates the EMA after the optimizer's step: this sees the one before
             rec.steps.append(snapshot(rec.M.model))
             rec.emas.append(snapshot(rec.M.ema))
+
         rec.M.optimizer.register_step_post_hook(after_step)
         return rec.M
 
@@ -71,8 +72,12 @@ def recorded(tiny, train_in_process, tmp_path_factory):
     smaller up to step 8, ema_decay after), one with flips forced on the shapes data."""
     monkeypatch = pytest.MonkeyPatch()
     argv = tiny + ["--p_uncond=0.3", "--ema_decay=0.5", f"--max_steps={STEPS}", "--batch_size=16"]
-    runs = {flips: recorded_run(train_in_process, argv + [f"--out_dir={tmp_path_factory.mktemp('loop')}"], monkeypatch, flips)
-            for flips in (False, True)}
+    runs = {
+        flips: recorded_run(
+            train_in_process, argv + [f"--out_dir={tmp_path_factory.mktemp('loop')}"], monkeypatch, flips
+        )
+        for flips in (False, True)
+    }
     monkeypatch.undo()
     return runs
 
@@ -127,8 +132,18 @@ def test_evaluation_leaves_trainings_random_streams_alone(tiny, train_in_process
     Dropout 0.1 and DDIM eta 1 make both draw random numbers."""
     losses = []
     for every in (3, 1000):
-        run_dir = train_in_process(tiny + ["--dropout=0.1", "--sample_eta=1.0", "--max_steps=9", "--log_interval=1",
-                                           f"--eval_interval={every}", f"--sample_interval={every}", f"--out_dir={tmp_path / str(every)}"])
+        run_dir = train_in_process(
+            tiny
+            + [
+                "--dropout=0.1",
+                "--sample_eta=1.0",
+                "--max_steps=9",
+                "--log_interval=1",
+                f"--eval_interval={every}",
+                f"--sample_interval={every}",
+                f"--out_dir={tmp_path / str(every)}",
+            ]
+        )
         log = read_log(run_dir)
         losses.append({r["step"]: r["train/loss"] for r in log if "train/loss" in r})
         assert sum("val/loss" in r for r in log) == (4 if every == 3 else 2)  # steps 0, 3, 6, 9 / 0 and the end
@@ -137,7 +152,9 @@ def test_evaluation_leaves_trainings_random_streams_alone(tiny, train_in_process
 
 def test_lr_schedule_against_its_formulas():
     C = SimpleNamespace(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100)
-    cosine = lambda s, end: C.min_lr + 0.5 * (C.lr - C.min_lr) * (1 + math.cos(math.pi * (s - C.warmup_steps) / (end - C.warmup_steps)))
+    cosine = lambda s, end: (
+        C.min_lr + 0.5 * (C.lr - C.min_lr) * (1 + math.cos(math.pi * (s - C.warmup_steps) / (end - C.warmup_steps)))
+    )
     assert td.lr_at(0, C) == pytest.approx(C.lr / 100) and td.lr_at(49, C) == pytest.approx(C.lr / 2)  # linear warmup
     assert td.lr_at(99, C) == pytest.approx(C.lr) and td.lr_at(100, C) == pytest.approx(C.lr)  # warmup ends at the peak
     assert td.lr_at(600, C) == pytest.approx((C.lr + C.min_lr) / 2)  # the cosine's midpoint

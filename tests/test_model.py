@@ -6,9 +6,21 @@ import math
 import pytest
 import torch
 
-from diffusion_model import (CrossAttention, NoiseScheduler, ResnetBlock, SpatialTransformer, UNet, UNetConfig,
-                             ddim_step, ddim_timesteps, diffusion_loss, guided_output, position_embedding_2d, sample,
-                             timestep_embedding)
+from diffusion_model import (
+    CrossAttention,
+    NoiseScheduler,
+    ResnetBlock,
+    SpatialTransformer,
+    UNet,
+    UNetConfig,
+    ddim_step,
+    ddim_timesteps,
+    diffusion_loss,
+    guided_output,
+    position_embedding_2d,
+    sample,
+    timestep_embedding,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread on a shared 2-core machine
 
@@ -172,9 +184,14 @@ def test_posterior_matches_closed_form_at_random_t():
     mean, var = sch.q_posterior(x0, x_t, t)
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
     for i, ti in enumerate(t.tolist()):
-        a_t, a_prev = torch.tensor(f(ti + 1) / f(0), dtype=torch.float64), torch.tensor(f(ti) / f(0), dtype=torch.float64)
+        a_t, a_prev = (
+            torch.tensor(f(ti + 1) / f(0), dtype=torch.float64),
+            torch.tensor(f(ti) / f(0), dtype=torch.float64),
+        )
         beta = 1 - a_t / a_prev
-        exp_mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0[i].double() + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x_t[i].double()
+        exp_mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0[i].double() + (
+            (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)
+        ) * x_t[i].double()
         exp_var = (1 - a_prev) / (1 - a_t) * beta
         assert torch.allclose(mean[i].double(), exp_mean, rtol=1e-4, atol=1e-5)
         assert torch.allclose(var[i].double().flatten()[0], exp_var, rtol=1e-4)
@@ -188,7 +205,9 @@ def test_position_embedding_is_row_then_column_sinusoids():
     assert pe.shape == (12, 8)
     for i in range(3):
         for j in range(4):
-            expected = torch.cat([timestep_embedding(torch.tensor([i]), 4)[0], timestep_embedding(torch.tensor([j]), 4)[0]])
+            expected = torch.cat(
+                [timestep_embedding(torch.tensor([i]), 4)[0], timestep_embedding(torch.tensor([j]), 4)[0]]
+            )
             assert torch.allclose(pe[i * 4 + j], expected)
     assert len({tuple(row.tolist()) for row in pe}) == 12, "every pixel gets its own position"
 
@@ -230,13 +249,18 @@ def test_pos_embed_reaches_the_unets_output():
     pos, plain, pos_again = tiny_unet(pos_embed=True), tiny_unet(pos_embed=False), tiny_unet(pos_embed=True)
     plain.load_state_dict(pos.state_dict())
     pos_again.load_state_dict(pos.state_dict())
-    x, t, (ctx, mask) = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 500]), text(2, 4)
+    x, t, (ctx, mask) = (
+        torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)),
+        torch.tensor([10, 500]),
+        text(2, 4),
+    )
     out = pos(x, t, ctx, mask)
     assert torch.equal(pos_again(x, t, ctx, mask), out)
     assert (plain(x, t, ctx, mask) - out).abs().mean() > 1e-3 * out.abs().mean()
 
 
 # ----------------------------------------------------------------------------- attention
+
 
 def test_patches_are_the_small_unet_on_folded_pixels():
     """patch_size 2 at 32 px is the 16 px U-Net on 12-channel cells: the same weights give the same
@@ -246,12 +270,13 @@ def test_patches_are_the_small_unet_on_folded_pixels():
     small.load_state_dict(patched.state_dict())  # same parameters, same shapes: conv_in 12 -> 32, conv_out 32 -> 12
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 900])
     ctx, mask = text(2, 4)
-    cells = x.reshape(2, 3, 16, 2, 16, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 12, 16, 16)  # channel 4c + 2i + j: pixel (2y+i, 2x+j)
+    cells = (
+        x.reshape(2, 3, 16, 2, 16, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 12, 16, 16)
+    )  # channel 4c + 2i + j: pixel (2y+i, 2x+j)
     out = small(cells, t, ctx, mask).reshape(2, 3, 2, 2, 16, 16).permute(0, 1, 4, 2, 5, 3).reshape(2, 3, 32, 32)
     assert torch.allclose(patched(x, t, ctx, mask), out, atol=1e-5)
     with pytest.raises(ValueError, match="after patches of 2.*use a multiple of 4"):
         UNetConfig(image_size=30, patch_size=2, channel_mults=(1, 2))
-
 
 
 def test_padded_tokens_are_ignored_and_real_tokens_matter():
@@ -289,7 +314,6 @@ def test_cfg_is_one_batched_forward():
     assert calls == [4] * 5  # one forward of 2 x batch per step
 
 
-
 def test_guidance_in_an_interval_guides_exactly_the_steps_at_or_above_t_min():
     """guidance_t_min: steps at t >= it are guided (one doubled batch), the others run the conditional
     model alone; t_min 0 is plain CFG, t_min above every step is the conditional model, and w = 0
@@ -307,6 +331,7 @@ def test_guidance_in_an_interval_guides_exactly_the_steps_at_or_above_t_min():
     assert torch.equal(run(guidance_scale=3.0, guidance_t_min=50), run(guidance_scale=1.0))
     assert torch.equal(run(guidance_scale=0.0, guidance_t_min=20), run(guidance_scale=0.0))
     assert (mixed - run(guidance_scale=3.0)).abs().max() > 1e-4 and (mixed - run(guidance_scale=1.0)).abs().max() > 1e-4
+
 
 def test_ddim_timesteps_trailing():
     assert ddim_timesteps(1000, 10) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
@@ -418,7 +443,9 @@ def visited(sch, timesteps):
 
 
 SIGMA = 0.1
-MU = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.2 - 0.1  # two captions' means, in [-0.1, 0.1]
+MU = (
+    torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.2 - 0.1
+)  # two captions' means, in [-0.1, 0.1]
 
 
 def assert_normal(x, mean, std, what):
@@ -458,8 +485,16 @@ def test_ddim_eta0_on_gaussian_data_follows_the_probability_flow(prediction_type
     oracle = GaussianOracle(sch, MU, SIGMA)
     for steps, tol in ((1000, 0.06), (25, 1e-3)):
         start = {}
-        x = sample(oracle, sch, caption(1, B), sampler="ddim", steps=steps, eta=0.0, generator=2,
-                   callback=lambda i, t, x_t, x0: start.setdefault("x_T", x_t.clone()))
+        x = sample(
+            oracle,
+            sch,
+            caption(1, B),
+            sampler="ddim",
+            steps=steps,
+            eta=0.0,
+            generator=2,
+            callback=lambda i, t, x_t, x0: start.setdefault("x_T", x_t.clone()),
+        )
         x_T, a_T = start["x_T"].double(), sch.alphas_cumprod[999].item()
         if steps == 1000:
             expected = MU[1] + SIGMA * (x_T - math.sqrt(a_T) * MU[1]) / math.sqrt(a_T * SIGMA**2 + 1 - a_T)

@@ -16,12 +16,17 @@ needs_metric = pytest.mark.skipif(not iq.available(), reason=f"metric packages m
 
 def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64) + 0.5
+    x, y = (
+        torch.randn(7, 3, generator=g, dtype=torch.float64),
+        torch.randn(7, 3, generator=g, dtype=torch.float64) + 0.5,
+    )
     k = lambda a, b: (sum(ai * bi for ai, bi in zip(a.tolist(), b.tolist())) / 3 + 1) ** 3
     m = len(x)
     pairs = [(i, j) for i in range(m) for j in range(m) if i != j]
-    expected = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / len(pairs)
-                - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2)
+    expected = (
+        sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / len(pairs)
+        - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2
+    )
     # one subset of all m images: the estimate is the whole-set one (only the order differs)
     mean, _ = iq.kid(x, y, subsets=1, subset_size=m)
     assert mean == pytest.approx(1000 * expected, rel=1e-9)
@@ -66,9 +71,15 @@ def test_primary_type_and_the_probe():
     assert iq.primary_type("Charmander, a fire type lizard pokemon.") == "fire"
     assert iq.primary_type("a drawing of a pink cat") is None
     g = torch.Generator().manual_seed(3)
-    centers = {"fire": torch.tensor([3.0, 0, 0]), "water": torch.tensor([0, 3.0, 0]), "grass": torch.tensor([0, 0, 3.0])}
+    centers = {
+        "fire": torch.tensor([3.0, 0, 0]),
+        "water": torch.tensor([0, 3.0, 0]),
+        "grass": torch.tensor([0, 0, 3.0]),
+    }
     labels = ["fire"] * 30 + ["water"] * 20 + ["grass"] * 10
-    feats = torch.stack([centers[t] for t in labels]).double() + 0.3 * torch.randn(60, 3, generator=g, dtype=torch.float64)
+    feats = torch.stack([centers[t] for t in labels]).double() + 0.3 * torch.randn(
+        60, 3, generator=g, dtype=torch.float64
+    )
     probe = iq.TypeProbe(feats, labels)
     assert probe.accuracy(feats, labels) == 1.0
     assert probe.accuracy(feats.flip(1), labels) < 0.5  # fire and grass swapped: the probe reads the features
@@ -115,13 +126,15 @@ def art_features():
     train, cap_train, held, cap_held = load_art(ART, 32, seed=0, val_fraction=0.2, eval_images=256)
     fe = iq.FeatureExtractor()
     sub = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: len(held)]]
-    return dict(fe=fe, train=fe(train), held=fe(held), sub_images=sub, sub=fe(sub), cap_train=cap_train, cap_held=cap_held)
+    return dict(
+        fe=fe, train=fe(train), held=fe(held), sub_images=sub, sub=fe(sub), cap_train=cap_train, cap_held=cap_held
+    )
 
 
 def test_real_art_halves_score_zero_within_the_spread(art_features):
     everything = torch.cat([art_features["train"], art_features["held"]])
     perm = torch.randperm(len(everything), generator=torch.Generator().manual_seed(5))
-    mean, spread = iq.kid(everything[perm[: len(perm) // 2]], everything[perm[len(perm) // 2:]])
+    mean, spread = iq.kid(everything[perm[: len(perm) // 2]], everything[perm[len(perm) // 2 :]])
     assert abs(mean) < spread
 
 
@@ -170,19 +183,39 @@ def _tiny_folder(path, n=24):
 def test_image_datasets_log_kid_and_copies_at_each_evaluation(tiny, tmp_path, train_in_process, read_log, one_thread):
     folder = _tiny_folder(tmp_path / "data")
     args = [a for a in tiny if not a.startswith(("--dataset", "--batch_size"))]
-    run_dir = train_in_process(args + [f"--dataset={folder}", "--batch_size=4", "--max_steps=2", "--eval_interval=1",
-                                       "--val_fraction=0.25", f"--out_dir={tmp_path / 'out'}"])
+    run_dir = train_in_process(
+        args
+        + [
+            f"--dataset={folder}",
+            "--batch_size=4",
+            "--max_steps=2",
+            "--eval_interval=1",
+            "--val_fraction=0.25",
+            f"--out_dir={tmp_path / 'out'}",
+        ]
+    )
     evals = [r for r in read_log(run_dir) if "val/loss" in r]
     assert [r["step"] for r in evals] == [0, 1, 2]
     for r in evals:
         assert 0.0 <= r["quality/copy_share"] <= 1.0 and r["quality/kid_std"] >= 0 and r["quality/seconds"] > 0
 
 
-def test_training_without_the_metric_says_so_once(tiny, tmp_path, train_in_process, read_log, one_thread, monkeypatch, capsys):
+def test_training_without_the_metric_says_so_once(
+    tiny, tmp_path, train_in_process, read_log, one_thread, monkeypatch, capsys
+):
     monkeypatch.setattr(iq, "available", lambda: False)
     folder = _tiny_folder(tmp_path / "data")
     args = [a for a in tiny if not a.startswith(("--dataset", "--batch_size"))]
-    run_dir = train_in_process(args + [f"--dataset={folder}", "--batch_size=4", "--max_steps=2", "--eval_interval=1",
-                                       "--val_fraction=0.25", f"--out_dir={tmp_path / 'out'}"])
+    run_dir = train_in_process(
+        args
+        + [
+            f"--dataset={folder}",
+            "--batch_size=4",
+            "--max_steps=2",
+            "--eval_interval=1",
+            "--val_fraction=0.25",
+            f"--out_dir={tmp_path / 'out'}",
+        ]
+    )
     assert capsys.readouterr().err.count("real-image evaluation is off") == 1
     assert not any(k.startswith("quality/") for r in read_log(run_dir) for k in r)

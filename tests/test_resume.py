@@ -18,8 +18,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op 
 
 # A custom run: every setting that differs from the CPU recipe must come back from the checkpoint.
 # Dropout makes the step depend on the CPU RNG state, which must be restored too.
-CUSTOM = ["--lr=5e-4", "--min_lr=5e-5", "--batch_size=8", "--dropout=0.1", "--p_uncond=0.2", "--ema_decay=0.99",
-          "--max_steps=16", "--log_interval=1", "--ckpt_interval=1000", "--eval_interval=1000", "--sample_interval=1000"]
+CUSTOM = [
+    "--lr=5e-4",
+    "--min_lr=5e-5",
+    "--batch_size=8",
+    "--dropout=0.1",
+    "--p_uncond=0.2",
+    "--ema_decay=0.99",
+    "--max_steps=16",
+    "--log_interval=1",
+    "--ckpt_interval=1000",
+    "--eval_interval=1000",
+    "--sample_interval=1000",
+]
 
 
 def stop_at(monkeypatch, k):
@@ -55,8 +66,9 @@ def uninterrupted(tiny, train_in_process, read_log, tmp_path_factory):
     return run_dir, {r["step"]: r["train/loss"] for r in read_log(run_dir) if "train/loss" in r}
 
 
-def test_bare_resume_reproduces_the_uninterrupted_custom_run(tiny, train_in_process, read_log, uninterrupted, tmp_path,
-                                                             monkeypatch):
+def test_bare_resume_reproduces_the_uninterrupted_custom_run(
+    tiny, train_in_process, read_log, uninterrupted, tmp_path, monkeypatch
+):
     ref_dir, ref = uninterrupted
     out = tmp_path / "out"
     with monkeypatch.context() as m:
@@ -85,7 +97,9 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("busy", ["evaluate", "save_grid"])
-def test_a_stop_signal_on_an_evaluation_step_saves_before_evaluating(tiny, train_in_process, tmp_path, monkeypatch, busy):
+def test_a_stop_signal_on_an_evaluation_step_saves_before_evaluating(
+    tiny, train_in_process, tmp_path, monkeypatch, busy
+):
     """The signal lands on step 6, an evaluation and sample-grid step: the checkpoint of step 6 is
     written before any evaluation or grid, so a kill that comes while one runs loses nothing."""
     sent = stop_at(monkeypatch, 6)
@@ -110,8 +124,9 @@ def test_a_finished_run_is_left_untouched(uninterrupted, train_in_process, tmp_p
     assert "finished at step 16 (max_steps 16); nothing to do" in line and "--max_steps" in line
 
 
-def test_raising_max_steps_continues_and_other_explicit_changes_are_printed(uninterrupted, train_in_process, read_log,
-                                                                           tmp_path, capsys):
+def test_raising_max_steps_continues_and_other_explicit_changes_are_printed(
+    uninterrupted, train_in_process, read_log, tmp_path, capsys
+):
     import shutil
 
     ref_dir, _ = uninterrupted
@@ -145,32 +160,53 @@ def assert_refused_untouched(train_in_process, argv, ckpt_path, expected):
     assert ckpt_path.read_bytes() == before and not (ckpt_path.parent / "run.lock").exists()
 
 
-@pytest.mark.parametrize("arg, expected", [
-    ("--base_channels=64", "--base_channels=64 differs from the resumed run's 32"),
-    # the validation split: another value would move trained-on images into validation
-    ("--eval_images=16", "--eval_images=16 differs from the resumed run's 32"),
-    ("--val_fraction=0.1", "--val_fraction=0.1 differs from the resumed run's 0.05"),
-])
+@pytest.mark.parametrize(
+    "arg, expected",
+    [
+        ("--base_channels=64", "--base_channels=64 differs from the resumed run's 32"),
+        # the validation split: another value would move trained-on images into validation
+        ("--eval_images=16", "--eval_images=16 differs from the resumed run's 32"),
+        ("--val_fraction=0.1", "--val_fraction=0.1 differs from the resumed run's 0.05"),
+    ],
+)
 def test_identity_keys_cannot_change_on_resume(uninterrupted, train_in_process, tmp_path, arg, expected):
     out, ckpt = copied_run(uninterrupted, tmp_path)
-    assert_refused_untouched(train_in_process, ["--resume=auto", f"--out_dir={out}", arg, "--max_steps=20"], ckpt, expected)
+    assert_refused_untouched(
+        train_in_process, ["--resume=auto", f"--out_dir={out}", arg, "--max_steps=20"], ckpt, expected
+    )
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda c: c["model_args"].update(pos_embed=False), "weights are a U-Net with pos_embed=False but its settings say True"),
-    (lambda c: c["model_args"].update(patch_size=1), "weights are a U-Net with patch_size=1 but its settings say 2"),
-    (lambda c: c.pop("ema"), "holds no ema: it cannot be resumed exactly"),
-    (lambda c: [c.pop("optimizer"), c.pop("rng")], "holds no optimizer, rng: it cannot be resumed exactly"),
-], ids=["pos_embed", "patch_size", "no_ema", "no_optimizer_rng"])
-def test_a_checkpoint_that_does_not_fit_its_settings_is_one_line(uninterrupted, train_in_process, tmp_path, edit, expected):
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (
+            lambda c: c["model_args"].update(pos_embed=False),
+            "weights are a U-Net with pos_embed=False but its settings say True",
+        ),
+        (
+            lambda c: c["model_args"].update(patch_size=1),
+            "weights are a U-Net with patch_size=1 but its settings say 2",
+        ),
+        (lambda c: c.pop("ema"), "holds no ema: it cannot be resumed exactly"),
+        (lambda c: [c.pop("optimizer"), c.pop("rng")], "holds no optimizer, rng: it cannot be resumed exactly"),
+    ],
+    ids=["pos_embed", "patch_size", "no_ema", "no_optimizer_rng"],
+)
+def test_a_checkpoint_that_does_not_fit_its_settings_is_one_line(
+    uninterrupted, train_in_process, tmp_path, edit, expected
+):
     out, ckpt_path = copied_run(uninterrupted, tmp_path)
     ckpt = checkpoints.load_checkpoint(str(ckpt_path))
     edit(ckpt)
     checkpoints.save_checkpoint(str(ckpt_path), ckpt)
-    assert_refused_untouched(train_in_process, ["--resume=auto", f"--out_dir={out}", "--max_steps=20"], ckpt_path, expected)
+    assert_refused_untouched(
+        train_in_process, ["--resume=auto", f"--out_dir={out}", "--max_steps=20"], ckpt_path, expected
+    )
 
 
-def test_resume_locks_the_run_before_reading_its_checkpoint(uninterrupted, train_in_process, tmp_path, monkeypatch, capsys):
+def test_resume_locks_the_run_before_reading_its_checkpoint(
+    uninterrupted, train_in_process, tmp_path, monkeypatch, capsys
+):
     """The run's holder saves step 20 and exits just before this process takes the lock: this process
     must read that checkpoint (finished at 20: nothing to do), not train on from step 16 over it."""
     out, ckpt_path = copied_run(uninterrupted, tmp_path)
@@ -199,10 +235,16 @@ def test_the_end_test_is_step_at_least_max_steps():
 # ----------------------------------------------------------------------------- edges
 
 
-@pytest.mark.parametrize("captions, allowed", [
-    (["a bright yellow star", "copyright 1999", "an upright bottle", "rightly so"], True),
-    (["a cat on the left"], False), (["Right: a dog"], False), (["top-left corner"], False), (["left-handed"], False),
-])
+@pytest.mark.parametrize(
+    "captions, allowed",
+    [
+        (["a bright yellow star", "copyright 1999", "an upright bottle", "rightly so"], True),
+        (["a cat on the left"], False),
+        (["Right: a dog"], False),
+        (["top-left corner"], False),
+        (["left-handed"], False),
+    ],
+)
 def test_flips_are_decided_by_whole_words(captions, allowed):
     assert image_data.flips_allowed(captions) is allowed
 
@@ -215,7 +257,9 @@ def test_a_local_encoder_folder_is_stored_as_an_absolute_path(tmp_path, monkeypa
     assert C.text_encoder == str(tmp_path / "enc") and C.image_size == 32
 
 
-def test_ctrl_c_while_loading_data_exits_cleanly_and_leaves_nothing(tiny, train_in_process, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_while_loading_data_exits_cleanly_and_leaves_nothing(
+    tiny, train_in_process, tmp_path, monkeypatch, capsys
+):
     def interrupted_load(C, sysinfo):
         os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, as it would in a long preprocessing loop
         raise AssertionError("the signal should have stopped the run")

@@ -65,8 +65,10 @@ def copy_run(trained_run, tmp_path):
 # ----------------------------------------------------------------------------- 1. overrides
 
 
-@pytest.mark.parametrize("args, expected", [(["--nope=1"], "unknown key --nope"),
-                                            (["--num_images=two"], "--num_images=two: expected an integer")])
+@pytest.mark.parametrize(
+    "args, expected",
+    [(["--nope=1"], "unknown key --nope"), (["--num_images=two"], "--num_images=two: expected an integer")],
+)
 def test_sample_override_errors_are_one_line(run_script, args, expected):
     r = run_script(["sample_diffusion.py", *args], timeout=120)
     assert r.returncode == 2 and expected in the_error_line(r.stderr), r.stderr
@@ -76,8 +78,9 @@ def test_sample_override_errors_are_one_line(run_script, args, expected):
 
 
 def folder_config(path, **over):
-    return SimpleNamespace(**{"dataset": str(path), "image_column": "image", "caption_column": "text", "image_size": 16,
-                              "seed": 0, **over})
+    return SimpleNamespace(
+        **{"dataset": str(path), "image_column": "image", "caption_column": "text", "image_size": 16, "seed": 0, **over}
+    )
 
 
 def write_png(path, color=(200, 30, 30), size=(24, 20)):
@@ -87,7 +90,9 @@ def write_png(path, color=(200, 30, 30), size=(24, 20)):
 
 
 def write_meta(folder, rows):
-    (folder / "metadata.jsonl").write_bytes(b"".join(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode() for r in rows))
+    (folder / "metadata.jsonl").write_bytes(
+        b"".join(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode() for r in rows)
+    )
 
 
 def _images_without_metadata(d):
@@ -127,18 +132,31 @@ def _invalid_utf8(d):
     write_meta(d, [{"file_name": "a.png", "text": "a"}, b'{"file_name": "b.png", "text": "caf\xe9 cr\xe8me"}\n'])
 
 
-@pytest.mark.parametrize("setup, expected", [
-    (None, "does not exist: pass --dataset=<folder"),
-    (lambda d: None, "has no metadata.jsonl"),
-    (_images_without_metadata, "has no metadata.jsonl"),
-    (_empty_metadata, "is empty: the dataset has no captioned images"),
-    (_no_captions, "line 1 lacks 'file_name' or 'text'"),
-    (_caption_not_text, "line 1: 'text' is 5, not text"),
-    (_missing_images, "names 1 image(s) that do not exist (first: gone.png)"),
-    (_not_json, "line 2 is not valid JSON"),
-    (_invalid_utf8, "line 2 is not valid UTF-8 (byte 0xe9 at column 36): re-save the file as UTF-8"),
-], ids=["missing", "empty", "no-metadata", "empty-metadata", "no-captions", "caption-not-text", "missing-images",
-        "not-json", "invalid-utf8"])
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        (None, "does not exist: pass --dataset=<folder"),
+        (lambda d: None, "has no metadata.jsonl"),
+        (_images_without_metadata, "has no metadata.jsonl"),
+        (_empty_metadata, "is empty: the dataset has no captioned images"),
+        (_no_captions, "line 1 lacks 'file_name' or 'text'"),
+        (_caption_not_text, "line 1: 'text' is 5, not text"),
+        (_missing_images, "names 1 image(s) that do not exist (first: gone.png)"),
+        (_not_json, "line 2 is not valid JSON"),
+        (_invalid_utf8, "line 2 is not valid UTF-8 (byte 0xe9 at column 36): re-save the file as UTF-8"),
+    ],
+    ids=[
+        "missing",
+        "empty",
+        "no-metadata",
+        "empty-metadata",
+        "no-captions",
+        "caption-not-text",
+        "missing-images",
+        "not-json",
+        "invalid-utf8",
+    ],
+)
 def test_bad_dataset_folders_are_one_line_errors(tmp_path, setup, expected):
     folder = tmp_path / "data"
     if setup is not None:
@@ -191,14 +209,21 @@ def image_bytes(kind):
 
 
 READABLE = {  # kind -> the RGB value at the center after to_rgb_square (tolerance for JPEG)
-    "gray.png": (100, 100, 100), "palette.png": (255, 0, 0), "cmyk.jpg": (255, 155, 55),
+    "gray.png": (100, 100, 100),
+    "palette.png": (255, 0, 0),
+    "cmyk.jpg": (255, 155, 55),
     "gray16.png": (156, 156, 156),  # 40000 / 65535 * 255: 16-bit keeps its brightness
     "rgba.png": (255, 155, 155),  # alpha 100/255 over white
-    "rgb.png": (10, 20, 30)}
+    "rgb.png": (10, 20, 30),
+}
 UNREADABLE = {  # kind -> what the skip warning says about it
-    "truncated.png": "image file is truncated", "truncated.jpg": "Truncated File Read",
-    "zero.png": "cannot identify image file", "text.png": "cannot identify image file",
-    "1x1.png": "unusable size 1x1", "huge.png": "unusable size 10000x10000"}
+    "truncated.png": "image file is truncated",
+    "truncated.jpg": "Truncated File Read",
+    "zero.png": "cannot identify image file",
+    "text.png": "cannot identify image file",
+    "1x1.png": "unusable size 1x1",
+    "huge.png": "unusable size 10000x10000",
+}
 
 
 def make_folder(folder, kinds, captions=None):
@@ -274,15 +299,29 @@ def test_local_encoder_folder_without_weights_is_one_line(tmp_path):
 
 
 def test_unet_config_names_a_valid_image_size():
-    C = SimpleNamespace(image_size=30, dataset="shapes", **{k: td.DEFAULTS[k] for k in td.MODEL_KEYS})  # channel_mults 1,2,2,4
-    assert "image_size 30 cannot be halved 3 times" in user_error(td.unet_config, C) and "(e.g. 24)" in user_error(td.unet_config, C)
+    C = SimpleNamespace(
+        image_size=30, dataset="shapes", **{k: td.DEFAULTS[k] for k in td.MODEL_KEYS}
+    )  # channel_mults 1,2,2,4
+    assert "image_size 30 cannot be halved 3 times" in user_error(td.unet_config, C) and "(e.g. 24)" in user_error(
+        td.unet_config, C
+    )
 
 
-@pytest.mark.parametrize("over, expected", [
-    # the tiny runs take tests/tiny_run.py's patches of 2: three levels then need a multiple of 2 x 4
-    (dict(image_size=30, channel_mults="1,2,2", attention_levels="1"), "after patches of 2 by channel_mults (1, 2, 2): use a multiple of 8 (e.g. 24)"),
-    (dict(shapes_num_images=32, batch_size=64), "batch_size 64 is larger than the 31 training images per process: lower --batch_size"),
-], ids=["image_size", "batch_size"])
+@pytest.mark.parametrize(
+    "over, expected",
+    [
+        # the tiny runs take tests/tiny_run.py's patches of 2: three levels then need a multiple of 2 x 4
+        (
+            dict(image_size=30, channel_mults="1,2,2", attention_levels="1"),
+            "after patches of 2 by channel_mults (1, 2, 2): use a multiple of 8 (e.g. 24)",
+        ),
+        (
+            dict(shapes_num_images=32, batch_size=64),
+            "batch_size 64 is larger than the 31 training images per process: lower --batch_size",
+        ),
+    ],
+    ids=["image_size", "batch_size"],
+)
 def test_sizes_the_run_cannot_take_are_one_line(run_script, small, tmp_path, over, expected):
     r = run_script(["train_diffusion.py", *small(out_dir=tmp_path, **over)], timeout=180)
     assert r.returncode == 2 and expected in the_error_line(r.stderr)
@@ -303,7 +342,7 @@ class RunsCode:
 
 def _truncated(good, path, marker):
     data = open(good, "rb").read()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 def _other_layout(good, path, marker):
@@ -318,23 +357,41 @@ def _pickle_dump(good, path, marker):
 
 
 def _torch_save(good, path, marker):
-    torch.save({"model": RunsCode(marker), "model_args": {}, "step": 0, "num_timesteps": 1000, "text_encoder": "minilm"}, path)
+    torch.save(
+        {"model": RunsCode(marker), "model_args": {}, "step": 0, "num_timesteps": 1000, "text_encoder": "minilm"}, path
+    )
 
 
 def _not_ours(good, path, marker):
     torch.save({"weights": torch.zeros(3)}, path)
 
 
-@pytest.mark.parametrize("make, expected", [
-    (None, "does not exist"),
-    (lambda good, path, marker: path.write_bytes(b""), "is empty (0 bytes)"),
-    (_truncated, "is not a checkpoint written by torch.save (truncated"),
-    (lambda good, path, marker: path.write_bytes(random.Random(0).randbytes(5000)), "is not a checkpoint written by torch.save"),
-    (_other_layout, "checkpoint weights do not fit its model_args (size mismatch"),
-    (_pickle_dump, "is not a checkpoint written by torch.save"),  # a bare pickle: refused before unpickling
-    (_torch_save, "refused unread (Trying to load unsupported GLOBAL posix.system"),
-    (_not_ours, "is not a checkpoint of this repo"),
-], ids=["missing", "empty", "truncated", "random-bytes", "other-layout", "code-via-pickle", "code-via-torch-save", "not-ours"])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (None, "does not exist"),
+        (lambda good, path, marker: path.write_bytes(b""), "is empty (0 bytes)"),
+        (_truncated, "is not a checkpoint written by torch.save (truncated"),
+        (
+            lambda good, path, marker: path.write_bytes(random.Random(0).randbytes(5000)),
+            "is not a checkpoint written by torch.save",
+        ),
+        (_other_layout, "checkpoint weights do not fit its model_args (size mismatch"),
+        (_pickle_dump, "is not a checkpoint written by torch.save"),  # a bare pickle: refused before unpickling
+        (_torch_save, "refused unread (Trying to load unsupported GLOBAL posix.system"),
+        (_not_ours, "is not a checkpoint of this repo"),
+    ],
+    ids=[
+        "missing",
+        "empty",
+        "truncated",
+        "random-bytes",
+        "other-layout",
+        "code-via-pickle",
+        "code-via-torch-save",
+        "not-ours",
+    ],
+)
 def test_bad_checkpoints_are_refused_in_one_line(tmp_path, trained_run, make, expected):
     path, marker = tmp_path / "bad.pt", tmp_path / "MARKER"
     if make is not None:
@@ -368,15 +425,19 @@ def test_find_checkpoint_ignores_temporary_files(tmp_path):
 # ----------------------------------------------------------------------------- 7. sampling settings
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--sampler=ddim", "--steps=0"], "--steps=0 is out of range: use a finite number in [1, 100000]"),
-    (["--sampler=ddim", "--steps=1001"], "--steps=1001 is out of range: DDIM takes 1 to 1000 steps"),
-    (["--guidance_scale=-1"], "--guidance_scale=-1.0 is out of range: use a finite number in [0, 100]"),
-    (["--guidance_scale=nan"], "--guidance_scale=nan is out of range"),
-    (["--sampler=euler"], "--sampler=euler is out of range: use one of ddpm, ddim"),
-    (["--num_images=0"], "--num_images=0 is out of range"),
-    (["--eta=1.5"], "--eta=1.5 is out of range: use a finite number in [0, 1]"),
-], ids=["steps-0", "steps-over-T", "negative-guidance", "nan-guidance", "unknown-sampler", "no-images", "eta-over-1"])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--sampler=ddim", "--steps=0"], "--steps=0 is out of range: use a finite number in [1, 100000]"),
+        (["--sampler=ddim", "--steps=1001"], "--steps=1001 is out of range: DDIM takes 1 to 1000 steps"),
+        (["--guidance_scale=-1"], "--guidance_scale=-1.0 is out of range: use a finite number in [0, 100]"),
+        (["--guidance_scale=nan"], "--guidance_scale=nan is out of range"),
+        (["--sampler=euler"], "--sampler=euler is out of range: use one of ddpm, ddim"),
+        (["--num_images=0"], "--num_images=0 is out of range"),
+        (["--eta=1.5"], "--eta=1.5 is out of range: use a finite number in [0, 1]"),
+    ],
+    ids=["steps-0", "steps-over-T", "negative-guidance", "nan-guidance", "unknown-sampler", "no-images", "eta-over-1"],
+)
 def test_sampling_settings_out_of_range_are_one_line(tmp_path, trained_run, args, expected):
     msg = user_error(sd.main, [f"--checkpoint={trained_run}", f"--out_dir={tmp_path / 'samples'}", *args])
     assert expected in msg and not (tmp_path / "samples").exists()
@@ -398,10 +459,17 @@ def wait_for(condition, proc, timeout=120, poll=0.02):
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_always_resumes_from_the_last_complete_checkpoint(read_log, root, small, tmp_path, trained_run):
+def test_kill_9_at_random_moments_always_resumes_from_the_last_complete_checkpoint(
+    read_log, root, small, tmp_path, trained_run
+):
     out, run_dir = copy_run(trained_run, tmp_path)
     ckpt_path, interval = str(run_dir / "ckpt.pt"), 3
-    cmd = [sys.executable, "train_diffusion.py", *small(max_steps=1000, ckpt_interval=interval, out_dir=out), "--resume=auto"]
+    cmd = [
+        sys.executable,
+        "train_diffusion.py",
+        *small(max_steps=1000, ckpt_interval=interval, out_dir=out),
+        "--resume=auto",
+    ]
     rng = random.Random(0)
     kills, mid_write, t0 = 0, 0, time.time()
     while kills < 5 or mid_write == 0:
@@ -414,7 +482,9 @@ def test_kill_9_at_random_moments_always_resumes_from_the_last_complete_checkpoi
                 aim_mid_write = kills % 2 == 1 and mid_write == 0  # kills 1, 3, ...: while ckpt.pt.tmp.<pid> is written
                 if aim_mid_write:  # (after a step: a run resumed at a multiple of 3 first re-saves the same step)
                     tmp = f"{ckpt_path}.tmp.{proc.pid}"
-                    wait_for(lambda: os.path.exists(tmp) and logged_train_steps(read_log, run_dir, n_lines), proc, poll=0.001)
+                    wait_for(
+                        lambda: os.path.exists(tmp) and logged_train_steps(read_log, run_dir, n_lines), proc, poll=0.001
+                    )
                 else:  # anywhere: after a random number of steps and a random pause
                     n = rng.randint(1, 5)
                     wait_for(lambda: len(logged_train_steps(read_log, run_dir, n_lines)) >= n, proc)
@@ -425,7 +495,10 @@ def test_kill_9_at_random_moments_always_resumes_from_the_last_complete_checkpoi
         kills += 1
         left = glob.glob(glob.escape(ckpt_path) + ".tmp.*")
         mid_write += bool(left)
-        assert checkpoints.find_checkpoint(str(out)) == ckpt_path and checkpoints.find_checkpoint(str(run_dir)) == ckpt_path  # never a .tmp
+        assert (
+            checkpoints.find_checkpoint(str(out)) == ckpt_path
+            and checkpoints.find_checkpoint(str(run_dir)) == ckpt_path
+        )  # never a .tmp
         k2 = checkpoints.load_checkpoint(ckpt_path)["step"]  # always loads
         steps = logged_train_steps(read_log, run_dir, n_lines)
         assert steps and steps[0] == k + 1, (k, steps)  # resumed from the checkpoint on disk, and made progress
@@ -443,7 +516,12 @@ def test_kill_9_at_random_moments_always_resumes_from_the_last_complete_checkpoi
 
 def test_sigterm_saves_and_exits_cleanly(read_log, root, small, tmp_path, trained_run):
     out, run_dir = copy_run(trained_run, tmp_path)
-    cmd = [sys.executable, "train_diffusion.py", *small(max_steps=1000, ckpt_interval=1000, out_dir=out), "--resume=auto"]
+    cmd = [
+        sys.executable,
+        "train_diffusion.py",
+        *small(max_steps=1000, ckpt_interval=1000, out_dir=out),
+        "--resume=auto",
+    ]
     n_lines = len(read_log(run_dir))
     proc = subprocess.Popen(cmd, cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -457,15 +535,23 @@ def test_sigterm_saves_and_exits_cleanly(read_log, root, small, tmp_path, traine
     assert f"stopped by signal at step {steps[-1]}" in stdout
 
 
-def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(small, train_in_process, tmp_path, trained_run, monkeypatch):
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
+    small, train_in_process, tmp_path, trained_run, monkeypatch
+):
     out, run_dir = copy_run(trained_run, tmp_path)
     before = torch.load(run_dir / "ckpt.pt", weights_only=True)
     # resumed at step 4; the loss of step 4 -> 5 is finite, that of step 5 -> 6 is NaN (as after a
     # divergence: no learning rate in range makes these tiny runs diverge in two steps reliably).
     calls, real_loss = [], td.diffusion_loss
-    monkeypatch.setattr(td, "diffusion_loss", lambda *a, **kw: real_loss(*a, **kw) * (float("nan") if calls.append(1) or len(calls) > 1 else 1))
+    monkeypatch.setattr(
+        td,
+        "diffusion_loss",
+        lambda *a, **kw: real_loss(*a, **kw) * (float("nan") if calls.append(1) or len(calls) > 1 else 1),
+    )
     line = user_error(train_in_process, small(max_steps=1000, ckpt_interval=2, out_dir=out) + ["--resume=auto"])
-    assert "the loss or the gradients became NaN or inf before step 6" in line and "last good checkpoint (step 4)" in line
+    assert (
+        "the loss or the gradients became NaN or inf before step 6" in line and "last good checkpoint (step 4)" in line
+    )
     after = checkpoints.load_checkpoint(str(run_dir / "ckpt.pt"))
     assert after["step"] == 4
     for part in ("model", "ema"):
@@ -485,10 +571,17 @@ def _kernel_says_disk_full(monkeypatch):
     # the real torch.save writing into /dev/full, where every write fails with ENOSPC: does the
     # kernel's error come out of torch.save as an OSError (and not, say, a RuntimeError)?
     real_open = open
-    monkeypatch.setattr(checkpoints, "open", lambda p, *a, **kw: real_open("/dev/full" if ".tmp." in str(p) else p, *a, **kw), raising=False)
+    monkeypatch.setattr(
+        checkpoints,
+        "open",
+        lambda p, *a, **kw: real_open("/dev/full" if ".tmp." in str(p) else p, *a, **kw),
+        raising=False,
+    )
 
 
-@pytest.mark.parametrize("fill_disk", [_torch_save_fails_partway, _kernel_says_disk_full], ids=["torch.save-raises", "dev-full"])
+@pytest.mark.parametrize(
+    "fill_disk", [_torch_save_fails_partway, _kernel_says_disk_full], ids=["torch.save-raises", "dev-full"]
+)
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, trained_run, monkeypatch, fill_disk):
     if fill_disk is _kernel_says_disk_full and not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")
@@ -503,7 +596,9 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, trained_
     assert "resume with --resume=auto" in msg
     monkeypatch.undo()
     kept = checkpoints.load_checkpoint(str(path))
-    assert kept["step"] == good["step"] and torch.equal(kept["model"]["conv_out.weight"], good["model"]["conv_out.weight"])
+    assert kept["step"] == good["step"] and torch.equal(
+        kept["model"]["conv_out.weight"], good["model"]["conv_out.weight"]
+    )
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # neither our temporary nor the stale one is left
 
 

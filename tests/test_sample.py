@@ -24,11 +24,20 @@ def sha(path):
 def test_writes_both_files_grids_and_singles(run_dir, tmp_path, capsys):
     sd.main([f"--checkpoint={run_dir}", "--sampler=ddim", "--steps=3", "--num_images=2", f"--out_dir={tmp_path}"])
     names = sorted(os.listdir(tmp_path))
-    assert names == ["generated_image_pokemon.png", "generated_image_pokemon_000.png", "generated_image_pokemon_001.png",
-                     "generated_image_pokemon_cfg.png", "generated_image_pokemon_cfg_000.png", "generated_image_pokemon_cfg_001.png"]
+    assert names == [
+        "generated_image_pokemon.png",
+        "generated_image_pokemon_000.png",
+        "generated_image_pokemon_001.png",
+        "generated_image_pokemon_cfg.png",
+        "generated_image_pokemon_cfg_000.png",
+        "generated_image_pokemon_cfg_001.png",
+    ]
     from PIL import Image
 
-    grid, single = Image.open(tmp_path / "generated_image_pokemon_cfg.png"), Image.open(tmp_path / "generated_image_pokemon_000.png")
+    grid, single = (
+        Image.open(tmp_path / "generated_image_pokemon_cfg.png"),
+        Image.open(tmp_path / "generated_image_pokemon_000.png"),
+    )
     assert single.size == (16, 16)  # one image: no frame
     assert grid.width == 2 * 16 + 3 * 2 and grid.height == 16 + 4
     assert "text encoder minilm" in capsys.readouterr().out  # the checkpoint's encoder, named
@@ -36,15 +45,31 @@ def test_writes_both_files_grids_and_singles(run_dir, tmp_path, capsys):
 
 def test_same_seed_gives_byte_identical_pngs_and_another_seed_does_not(run_dir, tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        sd.main([f"--checkpoint={run_dir}", "--sampler=ddpm", f"--seed={seed}", "--num_images=1", f"--out_dir={tmp_path / name}"])
+        sd.main(
+            [
+                f"--checkpoint={run_dir}",
+                "--sampler=ddpm",
+                f"--seed={seed}",
+                "--num_images=1",
+                f"--out_dir={tmp_path / name}",
+            ]
+        )
     for f in ("generated_image_pokemon.png", "generated_image_pokemon_cfg.png"):
         assert sha(tmp_path / "a" / f) == sha(tmp_path / "b" / f)
         assert sha(tmp_path / "a" / f) != sha(tmp_path / "c" / f)
 
 
 def test_trajectory_strip(run_dir, tmp_path):
-    sd.main([f"--checkpoint={run_dir}", "--sampler=ddim", "--steps=10", "--num_images=1", "--save_trajectory=true",
-             f"--out_dir={tmp_path}"])
+    sd.main(
+        [
+            f"--checkpoint={run_dir}",
+            "--sampler=ddim",
+            "--steps=10",
+            "--num_images=1",
+            "--save_trajectory=true",
+            f"--out_dir={tmp_path}",
+        ]
+    )
     from PIL import Image
 
     strip = Image.open(tmp_path / "generated_image_pokemon_trajectory.png")
@@ -52,21 +77,41 @@ def test_trajectory_strip(run_dir, tmp_path):
 
 
 def test_empty_prompt_is_unconditional_and_long_prompt_warns(run_dir, tmp_path, capsys):
-    sd.main([f"--checkpoint={run_dir}", "--sampler=ddim", "--steps=2", "--num_images=1", "--condition=", f"--out_dir={tmp_path}"])
+    sd.main(
+        [
+            f"--checkpoint={run_dir}",
+            "--sampler=ddim",
+            "--steps=2",
+            "--num_images=1",
+            "--condition=",
+            f"--out_dir={tmp_path}",
+        ]
+    )
     assert "unconditional prompt" in capsys.readouterr().out
-    sd.main([f"--checkpoint={run_dir}", "--sampler=ddim", "--steps=2", "--num_images=1", "--condition=" + "red " * 100,
-             f"--out_dir={tmp_path}"])
+    sd.main(
+        [
+            f"--checkpoint={run_dir}",
+            "--sampler=ddim",
+            "--steps=2",
+            "--num_images=1",
+            "--condition=" + "red " * 100,
+            f"--out_dir={tmp_path}",
+        ]
+    )
     err = capsys.readouterr().err
     assert err.count("longer than 77 tokens") == 1
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--sampler=euler"], "--sampler=euler is out of range: use one of ddpm, ddim"),
-    (["--guidance_scale=-1"], "--guidance_scale=-1.0 is out of range: use a finite number in [0, 100]"),
-    (["--sampler=ddim", "--steps=0"], "--steps=0 is out of range"),
-    (["--sampler=ddim", "--steps=1001"], "--steps=1001 is out of range: DDIM takes 1 to 1000 steps"),
-    (["--seed=x"], "--seed=x: expected an integer"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--sampler=euler"], "--sampler=euler is out of range: use one of ddpm, ddim"),
+        (["--guidance_scale=-1"], "--guidance_scale=-1.0 is out of range: use a finite number in [0, 100]"),
+        (["--sampler=ddim", "--steps=0"], "--steps=0 is out of range"),
+        (["--sampler=ddim", "--steps=1001"], "--steps=1001 is out of range: DDIM takes 1 to 1000 steps"),
+        (["--seed=x"], "--seed=x: expected an integer"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(run_dir, tmp_path, capsys, args, expected):
     with pytest.raises(SystemExit) as e:
         configurator.run_cli(sd.main, [f"--checkpoint={run_dir}", f"--out_dir={tmp_path}", *args])
@@ -82,8 +127,11 @@ def test_bad_checkpoints_are_one_line_errors(run_script, run_dir, tmp_path):
     ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
     ckpt["model_args"]["base_channels"] = 64  # the tensors no longer fit
     torch.save(ckpt, other)
-    for path, expected in ((tmp_path / "missing", "no checkpoint in"), (junk, "is not a checkpoint written by torch.save"),
-                           (other, "do not fit its model_args")):
+    for path, expected in (
+        (tmp_path / "missing", "no checkpoint in"),
+        (junk, "is not a checkpoint written by torch.save"),
+        (other, "do not fit its model_args"),
+    ):
         r = run_script(["sample_diffusion.py", f"--checkpoint={path}", f"--out_dir={tmp_path}"], timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -93,8 +141,15 @@ def test_bad_checkpoints_are_one_line_errors(run_script, run_dir, tmp_path):
 def test_bench_sampling_runs_ddim_at_each_eta_and_ddpm_once(run_dir):
     import benchmarks.bench_sampling as bs
 
-    assert bs.parse_samplers("ddpm,ddim5", 1000, (0.0, 1.0)) == [("ddpm", 1000, 1.0), ("ddim", 5, 0.0), ("ddim", 5, 1.0)]
+    assert bs.parse_samplers("ddpm,ddim5", 1000, (0.0, 1.0)) == [
+        ("ddpm", 1000, 1.0),
+        ("ddim", 5, 0.0),
+        ("ddim", 5, 1.0),
+    ]
     with pytest.raises(configurator.UserError, match="ddim0"):
         bs.parse_samplers("ddim0", 1000)
     rows = bs.main([f"--checkpoint={run_dir}", "--samplers=ddim2", "--etas=0,1", "--guidance=1", "--device=cpu"])
-    assert [(r["sampler"], r["steps"], r["eta"], r["w"]) for r in rows] == [("ddim", 2, 0.0, 1.0), ("ddim", 2, 1.0, 1.0)]
+    assert [(r["sampler"], r["steps"], r["eta"], r["w"]) for r in rows] == [
+        ("ddim", 2, 0.0, 1.0),
+        ("ddim", 2, 1.0, 1.0),
+    ]

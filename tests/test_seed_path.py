@@ -23,9 +23,11 @@ import train_diffusion as td
 
 # Every word of the shapes captions (templates, synonyms, the judge's canonical and novel prompts)
 # and of the Hub rows below: the tiny CLIP reads each as one token, none as <|endoftext|> (its unk).
-WORDS = ("a an and at big blue bottom center centre circle corner draw green image in is it large left little lower me "
-         "middle of one orange picture placed purple red right show sits size small square that the there top triangle "
-         "upper yellow pokemon with white black tail wings bird fish cartoon drawing").split() + [",", ":", "-"]
+WORDS = (
+    "a an and at big blue bottom center centre circle corner draw green image in is it large left little lower me "
+    "middle of one orange picture placed purple red right show sits size small square that the there top triangle "
+    "upper yellow pokemon with white black tail wings bird fish cartoon drawing"
+).split() + [",", ":", "-"]
 CLIP_WIDTH = 32
 PNG_SIZE = 16  # --image_size of the Hub runs: a multiple of 8, as the recipe's three halvings need
 
@@ -43,7 +45,7 @@ def learn_bpe(words):
         for seq in seqs:
             out, i = [], 0
             while i < len(seq):
-                if seq[i:i + 2] == best:
+                if seq[i : i + 2] == best:
                     out.append(seq[i] + seq[i + 1])
                     i += 2
                 else:
@@ -68,9 +70,17 @@ def save_tiny_clip(folder, width, seed=0):
     with open(os.path.join(src, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     tokenizer = CLIPTokenizer.from_pretrained(src, model_max_length=77)
-    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=width,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     CLIPTextModel(cfg).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
@@ -87,8 +97,14 @@ def clip_folder(tmp_path_factory):
 
 RED, GREEN, BLUE = (200, 30, 40), (10, 200, 30), (20, 40, 220)
 LONG_CAPTION = "a black bird with white wings " * 14  # 84 words: 86 tokens, more than CLIP's 77
-CAPTIONS = ["a red pokemon with a white tail", "a green cartoon bird", "a blue fish", "a black and white drawing",
-            LONG_CAPTION, "a drawing of a pokemon"]
+CAPTIONS = [
+    "a red pokemon with a white tail",
+    "a green cartoon bird",
+    "a blue fish",
+    "a black and white drawing",
+    LONG_CAPTION,
+    "a drawing of a pokemon",
+]
 
 
 def png(img):
@@ -118,8 +134,9 @@ def hub_rows():
     import datasets
 
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"image": [{"bytes": png(im), "path": None} for im in hub_images()], "text": CAPTIONS},
-                                      features=features)
+    return datasets.Dataset.from_dict(
+        {"image": [{"bytes": png(im), "path": None} for im in hub_images()], "text": CAPTIONS}, features=features
+    )
 
 
 @pytest.fixture
@@ -145,8 +162,20 @@ def error_lines(stderr):
 
 
 def hub_config(**over):
-    return SimpleNamespace(**{**dict(dataset="pokemon", image_column="image", caption_column="text", image_size=PNG_SIZE,
-                                     seed=0, shapes_num_images=64, shapes_captions="varied"), **over})
+    return SimpleNamespace(
+        **{
+            **dict(
+                dataset="pokemon",
+                image_column="image",
+                caption_column="text",
+                image_size=PNG_SIZE,
+                seed=0,
+                shapes_num_images=64,
+                shapes_captions="varied",
+            ),
+            **over,
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- 1. the CLIP branch
@@ -161,7 +190,9 @@ def test_tiny_clip_reads_every_caption_word_as_one_token(clip_folder):
     assert type(enc.tokenizer).__name__ == "CLIPTokenizer" and type(enc.model).__name__ == "CLIPTextModel"
     assert enc.dim == CLIP_WIDTH and enc.max_length == 77
     ids = enc.tokenizer(WORDS, add_special_tokens=False)["input_ids"]
-    assert all(len(i) == 1 and i[0] != enc.tokenizer.unk_token_id for i in ids), [w for w, i in zip(WORDS, ids) if len(i) != 1]
+    assert all(len(i) == 1 and i[0] != enc.tokenizer.unk_token_id for i in ids), [
+        w for w, i in zip(WORDS, ids) if len(i) != 1
+    ]
     _, train_captions, _ = shapes.make_shapes_dataset(64, 16, seed=0, captions="varied")
     judged = [p["caption"] for wording in ("canonical", "novel") for p in shapes.eval_prompts(wording)]
     for caption in train_captions + judged + CAPTIONS:
@@ -185,7 +216,9 @@ def test_clip_mask_is_the_tokenizers_attention_mask_and_long_captions_are_cut(cl
     assert enc.count_truncated(["red " * 75, "red " * 76, "a red circle"]) == 1
     ctx, mask = enc(["red " * 100, "a red circle"])
     assert ctx.shape[1] == 77 and mask[0].all() and mask[1].sum() == 5
-    assert enc.tokenizer(["red " * 100], truncation=True, max_length=77)["input_ids"][0][-1] == enc.tokenizer.eos_token_id
+    assert (
+        enc.tokenizer(["red " * 100], truncation=True, max_length=77)["input_ids"][0][-1] == enc.tokenizer.eos_token_id
+    )
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +245,17 @@ def test_clip_run_records_its_encoder_and_sampling_loads_it(clip_run, clip_folde
     monkeypatch.setattr(sd, "TextEncoder", spy)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "samples"
-    sd.main([f"--checkpoint={clip_run}", "--sampler=ddim", "--steps=2", "--num_images=1", "--device=cpu",
-             "--condition=" + "a red circle " * 30, f"--out_dir={out}"])  # 90 words: cut at 77 tokens
+    sd.main(
+        [
+            f"--checkpoint={clip_run}",
+            "--sampler=ddim",
+            "--steps=2",
+            "--num_images=1",
+            "--device=cpu",
+            "--condition=" + "a red circle " * 30,
+            f"--out_dir={out}",
+        ]
+    )  # 90 words: cut at 77 tokens
     assert loaded == [clip_folder]
     captured = capsys.readouterr()
     assert f"text encoder {clip_folder}" in captured.out
@@ -247,8 +289,9 @@ def test_sampling_refuses_a_clip_of_another_width_in_one_line(clip_run, clip_fol
     assert not (tmp_path / "after").exists()  # refused before anything was written
 
 
-def test_resume_with_another_text_encoder_is_refused_in_one_line(clip_run, clip_folder, small, train_in_process, tmp_path,
-                                                                capsys):
+def test_resume_with_another_text_encoder_is_refused_in_one_line(
+    clip_run, clip_folder, small, train_in_process, tmp_path, capsys
+):
     before = sorted(os.listdir(clip_run))
     args = [*small(text_encoder="minilm", max_steps=4, out_dir=tmp_path), f"--resume={clip_run}"]
     with pytest.raises(SystemExit) as e:
@@ -287,14 +330,16 @@ def test_hub_rows_without_the_caption_column_are_one_line_error(hub):
     assert "--caption_column" in msg
 
 
-def test_auto_when_the_hub_answers_trains_pokemon_with_clip(hub, clip_folder, small, train_in_process, tmp_path, monkeypatch,
-                                                            capsys):
+def test_auto_when_the_hub_answers_trains_pokemon_with_clip(
+    hub, clip_folder, small, train_in_process, tmp_path, monkeypatch, capsys
+):
     asked = []
     monkeypatch.setattr(td, "hub_reachable", lambda *a, **k: asked.append(1) or True)  # the Hub "answers", unasked
     # resolve_text_encoder reads text_encoders.CLIP_ID when called: `auto` becomes the tiny CLIP
     monkeypatch.setattr(text_encoders, "CLIP_ID", clip_folder)
-    run_dir = train_in_process(small(dataset="auto", text_encoder="auto", image_size=0, batch_size=2, max_steps=2,
-                                     out_dir=tmp_path))
+    run_dir = train_in_process(
+        small(dataset="auto", text_encoder="auto", image_size=0, batch_size=2, max_steps=2, out_dir=tmp_path)
+    )
     assert asked == [1] and hub == [(image_data.POKEMON_ID, "train")]
     ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     assert ckpt["dataset"] == image_data.POKEMON_ID and ckpt["config"]["dataset"] == "pokemon"
@@ -311,10 +356,21 @@ def test_auto_when_the_hub_answers_trains_pokemon_with_clip(hub, clip_folder, sm
 def test_gpu_recipe_runs_on_cpu(hub, clip_folder, root, train_in_process, tmp_path):
     """config/pokemon_gpu.py as written (Pokémon, the 128-channel 4-level U-Net, v-prediction) at the
     smallest size its three halvings allow, two steps of two images, with the tiny CLIP."""
-    run_dir = train_in_process([os.path.join(root, "config", "pokemon_gpu.py"), f"--image_size={PNG_SIZE}", "--max_steps=2",
-                                "--batch_size=2", "--device=cpu", "--wandb_mode=disabled", "--eval_interval=1000",
-                                "--sample_interval=1000", "--sample_steps=2", f"--out_dir={tmp_path}",
-                                f"--text_encoder={clip_folder}"])
+    run_dir = train_in_process(
+        [
+            os.path.join(root, "config", "pokemon_gpu.py"),
+            f"--image_size={PNG_SIZE}",
+            "--max_steps=2",
+            "--batch_size=2",
+            "--device=cpu",
+            "--wandb_mode=disabled",
+            "--eval_interval=1000",
+            "--sample_interval=1000",
+            "--sample_steps=2",
+            f"--out_dir={tmp_path}",
+            f"--text_encoder={clip_folder}",
+        ]
+    )
     assert hub == [(image_data.POKEMON_ID, "train")]
     path = os.path.join(run_dir, "ckpt.pt")
     try:
@@ -322,7 +378,11 @@ def test_gpu_recipe_runs_on_cpu(hub, clip_folder, root, train_in_process, tmp_pa
     finally:
         os.remove(path)  # 1.8 GB (weights, EMA, AdamW state): not left behind in pytest's kept temporary folders
     args = ckpt["model_args"]
-    assert (args["base_channels"], tuple(args["channel_mults"]), tuple(args["attention_levels"])) == (128, (1, 2, 2, 4), (1, 2, 3))
+    assert (args["base_channels"], tuple(args["channel_mults"]), tuple(args["attention_levels"])) == (
+        128,
+        (1, 2, 2, 4),
+        (1, 2, 3),
+    )
     assert args["num_res_blocks"] == 2 and args["pos_embed"] is True and args["coord_conv"] is False
     assert args["context_dim"] == CLIP_WIDTH and args["image_size"] == PNG_SIZE
     # the recipe's U-Net: 120.4 M parameters with CLIP's 512-d tokens, 114.9 M with the tiny CLIP's 32-d ones

@@ -30,7 +30,7 @@ def test_colors_are_well_separated():
     colors = list(shapes.COLORS.values())
     for i, a in enumerate(colors):
         assert math.dist(a, (255, 255, 255)) > 250
-        for b in colors[i + 1:]:
+        for b in colors[i + 1 :]:
             assert math.dist(a, b) > 75
 
 
@@ -181,12 +181,19 @@ def test_adherence_hand_computed():
         dict(color="green", shape="triangle", size="large", position="bottom right"),
         dict(color="purple", shape="circle", size="small", position="top right"),
     ]
-    images = torch.stack([
-        torch.from_numpy(shapes.render("red", "circle", "small", "top left")),            # all right
-        torch.from_numpy(shapes.render("blue", "circle", "small", "center")),            # shape, size wrong
-        torch.from_numpy(shapes.render("orange", "triangle", "small", "bottom left")),   # color, size, position wrong
-        torch.full((32, 32, 3), 255, dtype=torch.uint8),                                  # blank: all wrong
-    ]).permute(0, 3, 1, 2)
+    images = torch.stack(
+        [
+            torch.from_numpy(shapes.render("red", "circle", "small", "top left")),  # all right
+            torch.from_numpy(shapes.render("blue", "circle", "small", "center")),  # shape, size wrong
+            torch.from_numpy(
+                shapes.render("orange", "triangle", "small", "bottom left")
+            ),  # color, size, position wrong
+            torch.full((32, 32, 3), 255, dtype=torch.uint8),  # blank: all wrong
+        ]
+    ).permute(0, 3, 1, 2)
     assert shapes.adherence(images, targets) == {
-        "color": 2 / 4, "shape": 2 / 4, "size": 1 / 4, "position": 2 / 4,
+        "color": 2 / 4,
+        "shape": 2 / 4,
+        "size": 1 / 4,
+        "position": 2 / 4,
     }

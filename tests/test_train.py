@@ -15,6 +15,7 @@ import image_data
 import text_encoders
 import train_diffusion as td
 
+
 def test_tiny_shapes_run_learns(read_log, tiny, tmp_path):
     run_dir = td.main(tiny + ["--max_steps=60", "--eval_interval=30", "--ckpt_interval=30", f"--out_dir={tmp_path}"])
     vals = [r["val/loss"] for r in read_log(run_dir) if "val/loss" in r]
@@ -30,7 +31,10 @@ def test_tiny_shapes_run_learns(read_log, tiny, tmp_path):
 
 
 def test_auto_falls_back_offline_with_banner(tiny, tmp_path, capsys):
-    args = [a for a in tiny if not a.startswith(("--dataset", "--text_encoder"))] + ["--dataset=auto", "--text_encoder=auto"]
+    args = [a for a in tiny if not a.startswith(("--dataset", "--text_encoder"))] + [
+        "--dataset=auto",
+        "--text_encoder=auto",
+    ]
     run_dir = td.main(args + ["--max_steps=1", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert "Hugging Face Hub cannot be reached" in err and "--dataset=shapes" in err
@@ -44,7 +48,9 @@ def test_caption_embeddings_are_computed_once_per_distinct_caption():
     def fake_encoder(captions):
         seen.extend(captions)
         L = 2 + max(len(c.split()) for c in captions)
-        return torch.arange(len(captions) * L * 3, dtype=torch.float).view(len(captions), L, 3), torch.ones(len(captions), L, dtype=torch.bool)
+        return torch.arange(len(captions) * L * 3, dtype=torch.float).view(len(captions), L, 3), torch.ones(
+            len(captions), L, dtype=torch.bool
+        )
 
     captions = ["a red circle", "a blue square", "a red circle", "", "a blue square", "a red circle"]
     table, mask, rows = text_encoders.encode_captions(fake_encoder, captions, batch=2)
@@ -90,7 +96,9 @@ def test_imagefolder_dataset(tiny, tmp_path):
         rows.append({"file_name": f"{i:02d}.png", "text": f"a picture number {i % 5}"})
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     args = [a for a in tiny if not a.startswith(("--dataset", "--batch_size"))]
-    run_dir = td.main(args + [f"--dataset={folder}", "--batch_size=4", "--max_steps=3", f"--out_dir={tmp_path / 'out'}"])
+    run_dir = td.main(
+        args + [f"--dataset={folder}", "--batch_size=4", "--max_steps=3", f"--out_dir={tmp_path / 'out'}"]
+    )
     ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     assert ckpt["dataset"] == str(folder) and ckpt["step"] == 3
 
@@ -117,8 +125,8 @@ def wandb_records(path):
         if left < 7:  # too little room for a header: the block is padded
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             break
         pending = payload if kind in (1, 2) else pending + payload
@@ -130,8 +138,17 @@ def test_offline_wandb_run_holds_keys_and_image(tiny, tmp_path):
     from wandb.proto import wandb_internal_pb2
 
     args = [a for a in tiny if not a.startswith("--wandb_mode")]
-    run_dir = td.main(args + ["--wandb_mode=offline", "--max_steps=4", "--log_interval=1", "--sample_interval=4",
-                              "--eval_interval=4", f"--out_dir={tmp_path}"])
+    run_dir = td.main(
+        args
+        + [
+            "--wandb_mode=offline",
+            "--max_steps=4",
+            "--log_interval=1",
+            "--sample_interval=4",
+            "--eval_interval=4",
+            f"--out_dir={tmp_path}",
+        ]
+    )
     (path,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
     keys, config = set(), set()
     for data in wandb_records(path):
@@ -151,9 +168,13 @@ def test_offline_wandb_run_holds_keys_and_image(tiny, tmp_path):
 
 
 def test_override_errors_are_one_line_with_exit_code_2(run_script):
-    for args, expected in ((["--nope=1"], "unknown key --nope"), (["--lr=fast"], "--lr=fast: expected a number"),
-                           (["--batch_size=1.5"], "expected an integer"), (["lr=1"], "write --key=value"),
-                           (["--device=gpu"], "--device=gpu is out of range: use one of auto, cuda, mps, cpu")):
+    for args, expected in (
+        (["--nope=1"], "unknown key --nope"),
+        (["--lr=fast"], "--lr=fast: expected a number"),
+        (["--batch_size=1.5"], "expected an integer"),
+        (["lr=1"], "write --key=value"),
+        (["--device=gpu"], "--device=gpu is out of range: use one of auto, cuda, mps, cpu"),
+    ):
         r = run_script(["train_diffusion.py", *args], timeout=120)
         assert r.returncode == 2, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -162,14 +183,26 @@ def test_override_errors_are_one_line_with_exit_code_2(run_script):
 
 
 def test_resume_after_sigint_matches_uninterrupted_run(read_log, root, tiny, tmp_path):
-    common = tiny + ["--max_steps=40", "--log_interval=1", "--ckpt_interval=1000", "--eval_interval=1000", "--sample_interval=1000"]
+    common = tiny + [
+        "--max_steps=40",
+        "--log_interval=1",
+        "--ckpt_interval=1000",
+        "--eval_interval=1000",
+        "--sample_interval=1000",
+    ]
     ref_dir = td.main(common + [f"--out_dir={tmp_path / 'ref'}"])
     ref = {r["step"]: r["train/loss"] for r in read_log(ref_dir) if "train/loss" in r}
 
     out = tmp_path / "interrupted"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([sys.executable, "train_diffusion.py", *common, f"--out_dir={out}"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "train_diffusion.py", *common, f"--out_dir={out}"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline:
         logs = glob.glob(str(out / "*" / "log.jsonl"))

@@ -2,6 +2,7 @@
 used to come from config/shapes_cpu.py, merged only on a machine without a GPU: the suite tested
 other settings on a GPU machine, and an edit of the recipe changed what every tiny test covered.
 These are the CPU recipe's choices as of this file; TINY's --key=value arguments set the rest."""
+
 dataset = "shapes"
 text_encoder = "minilm"
 shapes_captions = "varied"
