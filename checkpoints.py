@@ -19,9 +19,8 @@ def save_checkpoint(path, state):
     """Write to a temporary file in the same folder, flush it to disk, then rename over the old
     checkpoint: a crash or a full disk at any moment leaves the previous checkpoint intact."""
     weights = [v for part in ("model", "ema") for v in state.get(part, {}).values() if torch.is_floating_point(v)]
-    if weights and not all(
-        torch.isfinite(w).all() for w in weights
-    ):  # never replace a good checkpoint by a diverged one
+    # never replace a good checkpoint by a diverged one
+    if weights and not all(torch.isfinite(w).all() for w in weights):
         raise UserError(
             f"the weights at step {state.get('step')} are NaN or inf: checkpoint not written, the previous "
             f"{path} is kept. Lower --lr or raise --warmup_steps"
@@ -77,7 +76,8 @@ def load_checkpoint(path):
 
     if path is None or not os.path.exists(path):
         raise UserError(
-            f"checkpoint {path} does not exist: train one with train_diffusion.py or pass --checkpoint=<file or run folder>"
+            f"checkpoint {path} does not exist: train one with train_diffusion.py "
+            "or pass --checkpoint=<file or run folder>"
         )
     if os.path.getsize(path) == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): use another checkpoint")
@@ -91,9 +91,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = str(
-            e
-        ).splitlines()  # torch's message is a paragraph; the line naming the refused object is the useful one
+        # torch's message is a paragraph; the line naming the refused object is the useful one
+        lines = str(e).splitlines()
         why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
         raise UserError(
             f"{path} holds objects other than tensors and was refused unread ({why.strip()[:150]}): "

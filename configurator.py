@@ -148,7 +148,8 @@ def describe(spec):
         return "non-empty text"
     if " of " in spec:
         count, interval = spec.split(" of ")
-        return f"{'at least ' + count.rstrip('+') if count != '0+' else 'any number of'} integers in {interval}, comma-separated"
+        how_many = "any number of" if count == "0+" else "at least " + count.rstrip("+")
+        return f"{how_many} integers in {interval}, comma-separated"
     return {"bool": "true or false", "text": "any text"}.get(spec, f"a finite number in {spec}")
 
 
@@ -178,7 +179,8 @@ def parse_config(argv, defaults, ranges=None):
             continue
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(
-                f"cannot read argument {arg!r}: write --key=value or give a config file (valid keys: {', '.join(defaults)})"
+                f"cannot read argument {arg!r}: write --key=value or give a config file (valid keys: "
+                f"{', '.join(defaults)})"
             )
         key, text = arg[2:].split("=", 1)
         if key not in defaults:

@@ -111,9 +111,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = (
-            self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-        )  # (B, heads, N, C/heads) each
+        # (B, heads, N, C/heads) each
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C/heads)
         return self.out(h.transpose(1, 2).reshape(B, N, C))
 
@@ -137,9 +136,7 @@ class CrossAttention(nn.Module):
         heads, d = self.n_heads, C // self.n_heads
         q = self.q(x).view(B, N, heads, d).transpose(1, 2)  # (B, heads, N, d)
         k, v = self.kv(context).view(B, L, 2, heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, L, d) each
-        attn_mask = (
-            None if mask is None else mask[:, None, None, :].bool()
-        )  # (B, 1, 1, L), broadcast over heads and queries
+        attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, L): over heads and queries
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
         return self.out(h.transpose(1, 2).reshape(B, N, C))
 
@@ -233,7 +230,8 @@ class UNetConfig:
             patches = f" after patches of {self.patch_size}" if self.patch_size > 1 else ""
             raise ValueError(
                 f"image_size {self.image_size} cannot be halved {len(self.channel_mults) - 1} times{patches} "
-                f"by channel_mults {self.channel_mults}: use a multiple of {factor} (e.g. {max(factor, self.image_size // factor * factor)})"
+                f"by channel_mults {self.channel_mults}: use a multiple of {factor} (e.g. "
+                f"{max(factor, self.image_size // factor * factor)})"
             )
         if self.base_channels % 32 != 0:
             raise ValueError(f"base_channels {self.base_channels} must be a multiple of 32 (for GroupNorm's groups)")
@@ -613,9 +611,8 @@ def sample(
     x = randn()  # x_T ~ N(0, I)
     for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False)):
         tt = torch.full((B,), t, device=device, dtype=torch.long)
-        w = (
-            guidance_scale if t >= guidance_t_min or guidance_scale == 0.0 else 1.0
-        )  # w = 0 is no guidance: the unconditional model
+        # w = 0 is no guidance: the unconditional model
+        w = guidance_scale if t >= guidance_t_min or guidance_scale == 0.0 else 1.0
         if w == 1.0:  # the guided formula reduces to one of its two terms: skip the other
             out = model(x, tt, context, mask)
         elif w == 0.0:

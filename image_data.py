@@ -81,9 +81,7 @@ def check_imagefolder(path, caption_column):
                     f"{meta} line {line_no} lacks 'file_name' or '{caption_column}': "
                     f"every line needs both (or pass --caption_column=<name>)"
                 )
-            if not isinstance(
-                row[caption_column], (str, type(None))
-            ):  # `datasets` cannot mix text and numbers in a column
+            if not isinstance(row[caption_column], (str, type(None))):  # `datasets` cannot mix text and numbers
                 raise UserError(
                     f"{meta} line {line_no}: '{caption_column}' is {row[caption_column]!r}, not text: "
                     f'write a string ("" or null for no caption)'
@@ -130,9 +128,8 @@ def load_image_dataset(C):
                 f"dataset {name} has no column {col!r} (it has {ds.column_names}): "
                 f"pass --image_column=... and --caption_column=..."
             )
-    ds = ds.cast_column(
-        C.image_column, datasets.Image(decode=False)
-    )  # decode ourselves: a bad file is skipped, not fatal
+    # decode ourselves: a bad file is skipped, not fatal
+    ds = ds.cast_column(C.image_column, datasets.Image(decode=False))
 
     import io
     import warnings
@@ -143,9 +140,8 @@ def load_image_dataset(C):
     for i, row in enumerate(tqdm(ds, desc=f"preprocessing {name}", leave=False)):
         data = row[C.image_column]
         try:
-            with (
-                warnings.catch_warnings()
-            ):  # PIL warns above 89 Mpx (and refuses above 179 Mpx); we reject above 64 Mpx below
+            # PIL warns above 89 Mpx (and refuses above 179 Mpx); we reject above 64 Mpx below
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(data["bytes"]) if data.get("bytes") else data["path"])
             with img:
@@ -157,9 +153,8 @@ def load_image_dataset(C):
         except Exception as e:  # truncated, empty, not an image, absurd size: skip and count
             skipped += 1
             if first_skip is None:
-                where = os.path.basename(
-                    (data or {}).get("path") or f"row {i}"
-                )  # Hub rows may hold bytes only, or None
+                # Hub rows may hold bytes only, or None
+                where = os.path.basename((data or {}).get("path") or f"row {i}")
                 first_skip = f"{where}: {' '.join(str(e).split())[:150]}"
             continue
         caption = row[C.caption_column]
@@ -176,7 +171,8 @@ def load_image_dataset(C):
     n_empty = sum(c == "" for c in captions)
     if n_empty:  # legal (that is what caption dropout trains), but usually a sign of the wrong --caption_column
         print(
-            f"warning: {n_empty} of {len(captions)} captions are empty: those images only train the unconditional model",
+            f"warning: {n_empty} of {len(captions)} captions are empty: those images only train "
+            "the unconditional model",
             file=sys.stderr,
         )
     return torch.stack(images), captions, name, flips_allowed(captions)

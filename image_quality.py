@@ -76,9 +76,8 @@ class FeatureExtractor:
             x = images[i : i + self.batch_size].to(self.device)
             x = x.float() / 255 if x.dtype == torch.uint8 else (x.float().clamp(-1, 1) + 1) / 2  # [0, 1]
             x = F.interpolate(x, size=(FEATURE_RES, FEATURE_RES), mode="bilinear", align_corners=False)
-            x = ((x * 255 - 127) / 128).contiguous(
-                memory_format=torch.channels_last
-            )  # the Lite models' input scaling (TF's MEAN_RGB 127, STDDEV_RGB 128)
+            # the Lite models' input scaling (TF's MEAN_RGB 127, STDDEV_RGB 128)
+            x = ((x * 255 - 127) / 128).contiguous(memory_format=torch.channels_last)
             feats.append(self.net.extract_features(x).mean((2, 3)).double().cpu())  # (b, 1280)
         return torch.cat(feats)
 

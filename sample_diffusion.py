@@ -27,7 +27,9 @@ from text_encoders import TextEncoder, embed_prompts
 checkpoint = ""  # a ckpt.pt or a run folder; "" = the latest run in out_dir
 condition = "a large red circle in the center"  # the prompt; "" is the unconditional prompt (the model's own prior)
 guidance_scale = 3.0  # CFG weight w: out = out_u + w (out_c - out_u); 3, the scale the recipes' samples are judged at
-guidance_t_min = 300  # guide only at noise levels t >= this, the conditional model below (guiding the nearly clean steps bends unseen pairs into seen ones); 0 guides every step
+# guide only at noise levels t >= this, the conditional model below (guiding the nearly clean steps bends unseen pairs
+# into seen ones); 0 guides every step
+guidance_t_min = 300
 num_images = 4  # images per file
 batch_size = 64  # images sampled at once (memory); the images do not depend on it
 sampler = "ddpm"  # ddpm (all T steps, Ho et al.) | ddim (Song et al., `steps` steps)
@@ -68,7 +70,8 @@ def main(argv):
     path = find_checkpoint(where)
     if path is None:
         raise UserError(
-            f"no checkpoint in {where}: train one with python train_diffusion.py, or pass --checkpoint=<ckpt.pt or run folder>"
+            f"no checkpoint in {where}: train one with python train_diffusion.py, "
+            "or pass --checkpoint=<ckpt.pt or run folder>"
         )
     ckpt = load_checkpoint(path)
     model = build_model(ckpt, "ema" if C.use_ema else "model").to(dev).eval()
@@ -82,12 +85,14 @@ def main(argv):
     if encoder.dim != model.cfg.context_dim:
         raise UserError(
             f"text encoder {ckpt['text_encoder']} gives {encoder.dim}-d tokens but the model was trained on "
-            f"{model.cfg.context_dim}-d ones: that folder now holds another encoder; restore the one it was trained with"
+            f"{model.cfg.context_dim}-d ones: that folder now holds another encoder; "
+            "restore the one it was trained with"
         )
     prompt = C.condition
     if prompt == "":
         print(
-            "note: the empty prompt is the unconditional prompt: both images show the model's prior, guidance changes nothing"
+            "note: the empty prompt is the unconditional prompt: both images show the model's prior, "
+            "guidance changes nothing"
         )
     if encoder.count_truncated([prompt]):
         print(f"warning: the prompt is longer than {encoder.max_length} tokens and was cut there", file=sys.stderr)

@@ -1,10 +1,10 @@
 """
 Train the text-conditioned diffusion model of diffusion_model.py.
 
-    python train_diffusion.py                                   # no GPU: the CPU shapes recipe; a GPU: the GPU recipe
-    python train_diffusion.py config/shapes_cpu.py --max_steps=1000   # a config file, then any global below as --key=value
-    python train_diffusion.py --resume=auto                     # continue the latest run in out_dir, with its own settings
-    torchrun --nproc_per_node=4 train_diffusion.py              # the same script on 4 GPUs (DDP)
+    python train_diffusion.py                          # no GPU: the CPU shapes recipe; a GPU: the GPU recipe
+    python train_diffusion.py config/shapes_cpu.py --max_steps=1000  # a config file, then globals as --key=value
+    python train_diffusion.py --resume=auto            # continue the latest run in out_dir, with its own settings
+    torchrun --nproc_per_node=4 train_diffusion.py     # the same script on 4 GPUs (DDP)
 
 Each run lives in its own folder under out_dir: checkpoints (ckpt.pt), sample grids, the W&B run.
 The file reads top to bottom: the settings, the setup of a run (resume, data, model, logging) in
@@ -50,14 +50,14 @@ from text_encoders import TextEncoder, embed_prompts, encode_captions, resolve_t
 # is read first (a banner says so).
 _before_config = set(globals())
 # data
-dataset = (
-    "auto"  # auto (Pokémon if the Hub answers, else shapes) | pokemon | shapes | a Hub dataset id | a local imagefolder
-)
+# auto (Pokémon if the Hub answers, else shapes) | pokemon | shapes | a Hub dataset id | a local imagefolder
+dataset = "auto"
 image_column = "image"  # column names for Hub datasets and folders
 caption_column = "text"
 image_size = 0  # 0: the dataset's default (32 for shapes, 64 otherwise)
 shapes_num_images = 20000  # how many images the built-in shapes dataset draws
-shapes_captions = "varied"  # shapes' wordings: varied (templates and synonyms: a user's own wording still works) | six (six fixed templates)
+# shapes' wordings: varied (templates and synonyms: a user's own wording still works) | six (six fixed templates)
+shapes_captions = "varied"
 val_fraction = 0.05  # share of the images held out for the validation loss (fixed seed)
 text_encoder = "auto"  # auto (CLIP if the Hub answers, else minilm) | minilm | a CLIP model id | a local model folder
 # model (the U-Net's UNetConfig; context_dim comes from the text encoder)
@@ -67,9 +67,11 @@ num_res_blocks = 2
 attention_levels = (1, 2, 3)
 n_heads = 4
 dropout = 0.1
-pos_embed = True  # fixed 2D sin-cos positions on the image tokens of every SpatialTransformer: attention alone cannot tell where a token is
+# fixed 2D sin-cos positions on every SpatialTransformer's image tokens: attention alone cannot tell where a token is
+pos_embed = True
 coord_conv = False  # (x, y) coordinate channels into conv_in (CoordConv)
-patch_size = 1  # > 1: the U-Net works on p x p cells of pixels, about p^2 times cheaper a step; loss and samples stay at full size
+# > 1: the U-Net works on p x p cells of pixels, about p^2 times cheaper a step; loss and samples stay at full size
+patch_size = 1
 num_timesteps = 1000
 prediction_type = "v"  # what the U-Net predicts: v (the velocity, Salimans & Ho) | eps (the noise, Ho et al.)
 # training
@@ -88,7 +90,9 @@ eval_interval = 500  # validation loss (and shapes adherence) every this many st
 eval_images = 256  # validation images per evaluation (fixed timesteps and noise)
 sample_interval = 1000  # a grid of samples (EMA, CFG, fixed prompts and seed)
 sample_guidance = 3.0
-sample_guidance_t_min = 300  # guidance only at noise levels t >= this; below, the conditional model (guiding the nearly clean steps bends unseen pairs into seen ones)
+# guidance only at noise levels t >= this; below, the conditional model (guiding the nearly clean steps bends unseen
+# pairs into seen ones)
+sample_guidance_t_min = 300
 sample_steps = 50  # DDIM steps for samples and adherence
 sample_eta = 1.0  # DDIM's eta there (0 deterministic, 1 stochastic like DDPM)
 ckpt_interval = 1000
@@ -214,7 +218,8 @@ def configure(argv):
         check_consistency(C)  # before the banner: settings that do not fit together are the only line printed
     if cpu_recipe and not C.resume:  # a resumed run takes its own settings back instead
         print(
-            f"{'no GPU' if kind == 'cpu' else 'no CUDA GPU'} and no config file: training the CPU recipe ({os.path.relpath(CPU_RECIPE)}, 9-13 min on 2 cores); "
+            f"{'no GPU' if kind == 'cpu' else 'no CUDA GPU'} and no config file: training the CPU recipe "
+            f"({os.path.relpath(CPU_RECIPE)}, 9-13 min on 2 cores); "
             f"pass a config file, e.g. config/pokemon_gpu.py, to choose another",
             file=sys.stderr,
         )
@@ -334,14 +339,13 @@ def check_replicas_identical(sysinfo, model):
     """Every rank compares a checksum of its weights (their sum and a position-weighted sum, so that
     swapped entries count too) with rank 0's; all ranks raise ReplicasDiverged if any differs."""
     flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
-    mine = torch.stack(
-        [flat.sum(), (flat * torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype).sin()).sum()]
-    )
-    theirs = mine.clone()
-    dist.broadcast(theirs, src=0)
-    same = torch.tensor([int(torch.equal(mine, theirs))], device=mine.device)
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
-    if not bool(same):
+    position_weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype).sin()
+    mine = torch.stack([flat.sum(), (flat * position_weights).sum()])
+    rank0s = mine.clone()
+    dist.broadcast(rank0s, src=0)
+    all_same = torch.tensor([int(torch.equal(mine, rank0s))], device=mine.device)
+    dist.all_reduce(all_same, op=dist.ReduceOp.MIN)  # 0 if any rank differs
+    if not bool(all_same):
         raise ReplicasDiverged("DDP replicas diverged: the ranks hold different weights")
     if sysinfo.master:
         print(f"all {sysinfo.world} ranks hold identical weights")
@@ -500,7 +504,8 @@ def take_over_stale_lock(path, holder):
     with guard:
         if read_lock(path) == holder:  # still the stale one: nobody took it over meanwhile
             print(
-                f"warning: {os.path.dirname(path)} was locked by process {holder[0]}, which is gone: taking the run over",
+                f"warning: {os.path.dirname(path)} was locked by process {holder[0]}, which is gone: "
+                "taking the run over",
                 file=sys.stderr,
             )
             os.remove(path)
@@ -541,8 +546,12 @@ def pid_alive(pid):
 
 
 def release_lock(path):
-    with contextlib.suppress(OSError):
-        if path and (read_lock(path) or (None,))[0] == os.getpid():
+    """Remove run.lock if this process holds it (a lock another process took over is left alone)."""
+    if path is None:
+        return
+    holder = read_lock(path)
+    if holder is not None and holder[0] == os.getpid():
+        with contextlib.suppress(OSError):
             os.remove(path)
 
 
@@ -594,9 +603,8 @@ def load_data(C, sysinfo):
         val_rows=rows[val_idx],
         judge_prompts=None,
     )
-    if (
-        C.dataset == "shapes"
-    ):  # fixed prompts for sample grids: the judge's prompts on shapes, validation captions elsewhere
+    # fixed prompts for sample grids: the judge's prompts on shapes, validation captions elsewhere
+    if C.dataset == "shapes":
         D.judge_prompts = shapes.eval_prompts()
         D.judge_ctx = embed_prompts(encoder, [p["caption"] for p in D.judge_prompts], dev)
         D.sample_prompts = [p["caption"] for p in D.judge_prompts][:16]
@@ -659,9 +667,7 @@ def build_training(C, D, ckpt, sysinfo):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        for (
-            group
-        ) in optimizer.param_groups:  # load_state_dict brings back the saved weight decay: the run's setting wins
+        for group in optimizer.param_groups:  # load_state_dict brings back the saved weight decay: the run's wins
             group["weight_decay"] = C.weight_decay
         step, wandb_id = ckpt["step"], ckpt.get("wandb_id")
         restore_rng(ckpt["rng"], sysinfo)
@@ -771,7 +777,9 @@ def evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s):
             C.min_snr_gamma,
         )
     }
-    line = f"step {step}: val loss {log['val/loss']:.4f}, train loss {loss_ema or float('nan'):.4f}, lr {lr_now:.2e}, {imgs_per_s:.0f} img/s"
+    train_loss = loss_ema or float("nan")
+    line = f"step {step}: val loss {log['val/loss']:.4f}, train loss {train_loss:.4f}, lr {lr_now:.2e}, "
+    line += f"{imgs_per_s:.0f} img/s"
     if D.judge_prompts is not None:
         w = C.sample_guidance
         adh = shapes.sample_adherence(
@@ -815,6 +823,21 @@ def evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s):
             log["quality/kid"], log["quality/kid_std"], log["quality/copy_share"]
         )
     return log, line
+
+
+def run_banner(C, D, M, run_dir, sysinfo):
+    """The one line that says what this run trains, on what, where."""
+    n_params = sum(p.numel() for p in M.model.parameters())
+    parts = [
+        f"run {run_dir}",
+        f"{D.name}: {len(D.train_images)} train / {len(D.val_images)} val images at {C.image_size}px",
+        f"text {C.text_encoder} ({D.context_dim}-d, {len(D.ctx_table)} distinct captions)",
+        f"U-Net {n_params / 1e6:.1f}M params, predicts {C.prediction_type}",
+        str(sysinfo.device),
+    ]
+    if sysinfo.ddp:
+        parts.append(f"distributed: {sysinfo.world} ranks, global batch {C.batch_size * sysinfo.world}")
+    return " | ".join(parts)
 
 
 def write_log(run_dir, step, metrics):
@@ -869,9 +892,8 @@ def main(argv):
             return run_dir
         torch.manual_seed(C.seed + sysinfo.rank)
         resolve_auto(C, sysinfo)
-        if (
-            sysinfo.master and lock is None
-        ):  # a new run's folder is taken before any slow work, so that a second writer learns at once
+        # a new run's folder is taken before any slow work, so that a second writer learns at once
+        if sysinfo.master and lock is None:
             if run_dir is None:
                 run_dir = created = new_run_dir(C.out_dir, os.path.basename(C.dataset.rstrip("/")))
             lock = lock_run(run_dir)
@@ -891,17 +913,7 @@ def train(C, sysinfo, stop, ckpt, run_dir):
     del ckpt
     D.real_art = load_real_art(C, D, sysinfo)
     if master:
-        n_params = sum(p.numel() for p in M.model.parameters())
-        print(
-            f"run {run_dir} | {D.name}: {len(D.train_images)} train / {len(D.val_images)} val images at {C.image_size}px | "
-            f"text {C.text_encoder} ({D.context_dim}-d, {len(D.ctx_table)} distinct captions) | U-Net {n_params / 1e6:.1f}M params, "
-            f"predicts {C.prediction_type} | {dev}"
-            + (
-                f" | distributed: {sysinfo.world} ranks, global batch {C.batch_size * sysinfo.world}"
-                if sysinfo.ddp
-                else ""
-            )
-        )
+        print(run_banner(C, D, M, run_dir, sysinfo))
     stop.training = True  # from here a stop signal saves a checkpoint and ends the run
     wandb_run = start_wandb(C, run_dir, M.wandb_id) if master else None
     model, ema, optimizer, step = M.model, M.ema, M.optimizer, M.step
@@ -909,16 +921,10 @@ def train(C, sysinfo, stop, ckpt, run_dir):
     # -------------------------------------------------------------------------- training loop
     bar = tqdm(total=C.max_steps, initial=step, desc="training", disable=not master, dynamic_ncols=True)
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-    last_good_step, busy, imgs_per_s, loss_ema = (
-        step,
-        0.0,
-        0.0,
-        None,
-    )  # busy: seconds in training steps since the last log
+    last_good_step, loss_ema, imgs_per_s = step, None, 0.0
+    busy = 0.0  # seconds in training steps since the last log
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
-    rng_dev = (
-        dev if dev.type == "cuda" else torch.device("cpu")
-    )  # on mps the step's draws come from the CPU, as without a GPU
+    rng_dev = dev if dev.type == "cuda" else torch.device("cpu")  # on mps the step's draws come from the CPU
     model.train()
     while True:
         lr_now = lr_at(step, C)
@@ -949,9 +955,7 @@ def train(C, sysinfo, stop, ckpt, run_dir):
         if master and (step % C.eval_interval == 0 or last) and not stopping:
             t_eval = time.time()
             log, line = evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s)
-            log["eval/seconds"] = (
-                time.time() - t_eval
-            )  # logged so that evaluation's share of the run's minutes stays visible
+            log["eval/seconds"] = time.time() - t_eval  # so that evaluation's share of the run's minutes stays visible
             tqdm.write(line)
             write_log(run_dir, step, log)
             if wandb_run:
@@ -1029,9 +1033,8 @@ def train(C, sysinfo, stop, ckpt, run_dir):
     if sysinfo.ddp:  # DDP keeps replicas in lockstep; check it, as a DDP bug would otherwise pass silently
         check_replicas_identical(sysinfo, model)
     if master:
-        print(
-            f"{'stopped by signal at' if stopping and not last else 'finished at'} step {step}; checkpoint {os.path.join(run_dir, CKPT_NAME)}"
-        )
+        how = "stopped by signal at" if stopping and not last else "finished at"
+        print(f"{how} step {step}; checkpoint {os.path.join(run_dir, CKPT_NAME)}")
     if wandb_run:
         wandb_run.finish()
     if sysinfo.ddp:

@@ -7,7 +7,8 @@ with every sampler on the same budget.
     --study=32px: the 32 px recipe (config/shapes_cpu.py) against what would also fit its minutes
         (README, "The 32 px recipe"); each variant's steps fill the same wall time.
 
-    python -m benchmarks.ablation --study=32px --out_dir=ablation32 --jobs=2   # train what is missing, judge, print the table
+    # train what is missing, judge, print the table:
+    python -m benchmarks.ablation --study=32px --out_dir=ablation32 --jobs=2
     python -m benchmarks.ablation --out_dir=ablation --variants=baseline,v --train_seeds=0,1
 
 Each (variant, training seed) trains in its own process (`--jobs` at a time, the cores split
@@ -251,7 +252,8 @@ def speed(C, names):
         rate, wall = (statistics.median(x[i] for x in rows) for i in (0, 1))
         by_round = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(rows, runs[first]))
         print(
-            f"| {name} | {rows[0][2]} | {rate:.1f} | {wall // 60:.0f} min {wall % 60:.0f} s | {rate / rate0:.2f} | {wall / wall0:.2f} | {by_round} |"
+            f"| {name} | {rows[0][2]} | {rate:.1f} | {wall // 60:.0f} min {wall % 60:.0f} s | {rate / rate0:.2f} | "
+            f"{wall / wall0:.2f} | {by_round} |"
         )
 
 
@@ -265,7 +267,8 @@ def table(C, names, seeds):
     ]
     four = lambda res, split: " / ".join(f"{res[split][a]:.2f}" for a in ("color", "shape", "size", "position"))
     print(
-        f"\nWith CFG (w = {C.guidance:g} at t >= {C.guidance_t_min}), {C.repeats} sampling seeds x 27 prompts; color / shape / size / position"
+        f"\nWith CFG (w = {C.guidance:g} at t >= {C.guidance_t_min}), {C.repeats} sampling seeds x 27 prompts; "
+        "color / shape / size / position"
     )
     print("| variant | train seed | sampler | seen | held-out |")
     print("|---|---|---|---|---|")
@@ -281,7 +284,8 @@ def table(C, names, seeds):
     for name, seed, r in runs:
         w0, nv = r["ddim25_eta0_w0"], r["novel_ddim25_eta0"]
         print(
-            f"| {name} | {seed} | {four(w0, 'seen')} | {four(w0, 'held_out')} | {four(nv, 'seen')} | {four(nv, 'held_out')} |"
+            f"| {name} | {seed} | {four(w0, 'seen')} | {four(w0, 'held_out')} | {four(nv, 'seen')} | "
+            f"{four(nv, 'held_out')} |"
         )
 
 

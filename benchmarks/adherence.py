@@ -104,7 +104,8 @@ def main(argv):
         + f", guidance at t >= {C.guidance_t_min}"
     )
     print(
-        f"checkpoint {path} (step {ckpt['step']}), {how}, {C.repeats} seeds x {len(__import__('shapes').eval_prompts())} prompts, "
+        f"checkpoint {path} (step {ckpt['step']}), {how}, {C.repeats} seeds x "
+        f"{len(__import__('shapes').eval_prompts())} prompts, "
         f"{spi:.3f} s/image"
     )
     print("| attribute | split | " + " | ".join(f"w={w:g}" for w in scales) + " |")

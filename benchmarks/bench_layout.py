@@ -2,7 +2,7 @@
 Training-step speed of a recipe's U-Net on this machine, by memory layout and torch.compile: the two
 CPU levers of the 32 px recipe that change no result, only the seconds (README, the 32 px recipe).
 
-    python -m benchmarks.bench_layout                                        # config/shapes_cpu.py and config/shapes_16px.py
+    python -m benchmarks.bench_layout  # config/shapes_cpu.py and config/shapes_16px.py
     python -m benchmarks.bench_layout --configs=config/shapes_cpu.py --compile=false --rounds=3
 
 For each config file: its U-Net (MiniLM's 384-d tokens, 12 of them), AdamW, one fixed batch of the
@@ -83,7 +83,8 @@ def main(argv):
         for name in setups:
             rate = statistics.median(rates[name])
             print(
-                f"| {path} ({cfg.image_size} px, batch {B}) | {name} | {rate:.1f} | {rate / base:.2f} | {firsts[name]:.1f} |",
+                f"| {path} ({cfg.image_size} px, batch {B}) | {name} | {rate:.1f} | {rate / base:.2f} | "
+                f"{firsts[name]:.1f} |",
                 flush=True,
             )
 

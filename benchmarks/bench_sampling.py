@@ -103,7 +103,8 @@ def main(argv):
                 )
             )
             print(
-                f"{sampler}-{steps} eta={eta:g} w={w:g}: {seconds_per_image:.4f} s/image, {forwards_per_step:g} forwards/step "
+                f"{sampler}-{steps} eta={eta:g} w={w:g}: {seconds_per_image:.4f} s/image, "
+                f"{forwards_per_step:g} forwards/step "
                 f"(batch {rows[-1]['batch']}), seen " + " ".join(f"{a} {res[w]['seen'][a]:.2f}" for a in ATTRS),
                 flush=True,
             )

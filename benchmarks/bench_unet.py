@@ -2,8 +2,8 @@
 Our U-Net (diffusion_model.UNet) against diffusers' UNet2DConditionModel built to the same layout:
 parameter counts, training-step throughput and peak memory.
 
-    python -m benchmarks.bench_unet                                    # CPU: 32 px and 64 px, eager
-    python -m benchmarks.bench_unet --device=cuda --compile=true       # GPU: bf16, channels_last, eager and torch.compile
+    python -m benchmarks.bench_unet                              # CPU: 32 px and 64 px, eager
+    python -m benchmarks.bench_unet --device=cuda --compile=true # GPU: bf16, channels_last, eager and torch.compile
     python -m benchmarks.bench_unet --image_sizes=32 --repeats=3 --threads=2
 
 What it measures, for each image size:
@@ -296,12 +296,13 @@ def main(argv):
         n = {which: count_params(m) for which, m in models.items()}
         ratio = n["ours"] / n["diffusers"]
         print(
-            f"\n{size}px: params ours {n['ours'] / 1e6:.3f}M, diffusers {n['diffusers'] / 1e6:.3f}M, ours/diffusers {ratio:.4f}"
+            f"\n{size}px: params ours {n['ours'] / 1e6:.3f}M, diffusers {n['diffusers'] / 1e6:.3f}M, ours/diffusers "
+            f"{ratio:.4f}"
         )
         if abs(ratio - 1) > MAX_PARAM_MISMATCH:
             print(
-                f"FAIL: the parameter counts differ by {abs(ratio - 1):.1%} (> {MAX_PARAM_MISMATCH:.0%}): the diffusers "
-                f"model is not built to our layout, so its timings would compare different networks",
+                f"FAIL: the parameter counts differ by {abs(ratio - 1):.1%} (> {MAX_PARAM_MISMATCH:.0%}): "
+                f"the diffusers model is not built to our layout, so its timings would compare different networks",
                 file=sys.stderr,
             )
             sys.exit(1)
@@ -370,15 +371,18 @@ def main(argv):
         f"peak memory: {mem_how}; MFU: FLOP/s over the GPU's dense bf16 peak"
     )
     print(
-        "| image | mode | ours img/s | diffusers img/s | ours/diffusers | ours peak MiB | diffusers peak MiB | ours MFU | diffusers MFU |"
+        "| image | mode | ours img/s | diffusers img/s | ours/diffusers "
+        "| ours peak MiB | diffusers peak MiB | ours MFU | diffusers MFU |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     fmt_mem = lambda v: "n/a" if v is None else f"{v:.0f}"
     fmt_mfu = lambda v: "n/a" if v is None else f"{v:.1%}"
     for size, mode, img_s, mem, mfu in rows:
         print(
-            f"| {size}px | {mode} | {img_s['ours']:.1f} | {img_s['diffusers']:.1f} | {img_s['ours'] / img_s['diffusers']:.2f} | "
-            f"{fmt_mem(mem['ours'])} | {fmt_mem(mem['diffusers'])} | {fmt_mfu(mfu['ours'])} | {fmt_mfu(mfu['diffusers'])} |"
+            f"| {size}px | {mode} | {img_s['ours']:.1f} | {img_s['diffusers']:.1f} | "
+            f"{img_s['ours'] / img_s['diffusers']:.2f} | "
+            f"{fmt_mem(mem['ours'])} | {fmt_mem(mem['diffusers'])} | {fmt_mfu(mfu['ours'])} | "
+            f"{fmt_mfu(mfu['diffusers'])} |"
         )
     print(
         f"\nmachine: {machine_name(device)} | torch {torch.__version__} | diffusers {diffusers.__version__} | "

@@ -1,13 +1,13 @@
 """
 How much of the training loop's time is not the model? Runs a short `shapes` training run of
-train_diffusion.py under `python -m cProfile` (a subprocess) and splits the loop's time (in train()) into the U-Net's
-forward, the backward pass, the optimizer, and everything else (batch assembly, caption dropout,
+train_diffusion.py under `python -m cProfile` (a subprocess) and splits the loop's time (in train())
+into the U-Net's forward, the backward pass, the optimizer, and everything else (batch assembly, caption dropout,
 EMA update, logging, the loop's own Python). Goal: everything else < 5% of the loop.
 
     python -m benchmarks.profile_step                                             # 60 steps of the CPU recipe's model
     python -m benchmarks.profile_step --max_steps=100 --extra="--base_channels=32 --num_res_blocks=1 --batch_size=32"
     python -m benchmarks.profile_step --extra="config/shapes_16px.py"                 # another recipe file
-    python -m benchmarks.profile_step --load_stats=step.prof                      # re-read a profile saved with --save_stats
+    python -m benchmarks.profile_step --load_stats=step.prof   # re-read a profile saved with --save_stats
 
 The run: --dataset=shapes --text_encoder=minilm --wandb_mode=disabled, eval/sample/checkpoint
 intervals past max_steps (so evaluation runs only at step 0 and at the end, samples and the

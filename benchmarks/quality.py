@@ -17,8 +17,9 @@ type probe's ceiling (held-out real art) and floor (the majority type).
 A checkpoint: one sample per held-out caption (EMA weights, DDIM --steps with --eta, CFG
 --guidance at t >= --guidance_t_min), then KID, FD and the copy share against the held-out art,
 the paired test of captions (does each sample look more like its own caption's art than like the
-art of the other captions? KID cannot say: shuffling the captions leaves the set of art the same), and the type probe's accuracy on the samples. Writes a
-grid of the first 8 samples over their real art next to the checkpoint.
+art of the other captions? KID cannot say: shuffling the captions leaves the set of art the same),
+and the type probe's accuracy on the samples. Writes a grid of the first 8 samples over their real
+art next to the checkpoint.
 """
 
 import json
@@ -81,7 +82,8 @@ def validate(C, fe):
         f = fe(iq.add_noise(sub, std, seed=C.seed))
         rows.append((f"noise of std {std:g}", iq.kid(f_held, f), iq.frechet_distance(f_held, f)))
     print(
-        f"\n{C.dataset} at {C.image_size} px: {len(train)} training / {n} held-out images; features {time.time() - t0:.0f} s"
+        f"\n{C.dataset} at {C.image_size} px: {len(train)} training / {n} held-out images; features "
+        f"{time.time() - t0:.0f} s"
     )
     print(f"\n| {n} images against the {n} held-out | KID x1000 | FD |")
     print("|---|---|---|")
@@ -92,7 +94,8 @@ def validate(C, fe):
     print(f"\ncopy threshold (99th percentile of held-out-to-train similarity): {threshold:.4f}")
     print(f"copy share of {n} training images presented as samples: {iq.copy_share(f_sub, f_train, threshold):.3f}")
     print(
-        f"copy share of held-out art, threshold from the other half: {iq.copy_share(h2, f_train, iq.copy_threshold(h1, f_train)):.3f}"
+        "copy share of held-out art, threshold from the other half: "
+        f"{iq.copy_share(h2, f_train, iq.copy_threshold(h1, f_train)):.3f}"
         f" and {iq.copy_share(h1, f_train, iq.copy_threshold(h2, f_train)):.3f}"
     )
     _, ceiling, floor = probe_scores(f_train, cap_train, f_held, cap_held)

@@ -78,7 +78,8 @@ def main(argv=None):
     if not keys:
         found = sorted({k for _, series in runs for k in series})
         sys.exit(
-            f"error: no numeric key starts with {' or '.join(args.prefixes)}; the logs hold: {', '.join(found) or 'nothing'}"
+            f"error: no numeric key starts with {' or '.join(args.prefixes)}; the logs hold: "
+            f"{', '.join(found) or 'nothing'}"
         )
 
     import matplotlib

@@ -2,7 +2,8 @@
 One figure of a run on an image dataset: what it drew for its 8 fixed held-out captions over
 training, above the real art of those captions.
 
-    python docs/make_sample_grid.py diffusion_results/<run> --dataset=../shared/data/pokedex-art --out docs/pokemon_grid.png
+    python docs/make_sample_grid.py diffusion_results/<run> --dataset=../shared/data/pokedex-art \
+        --out docs/pokemon_grid.png
 
 Rows, top to bottom: an untrained U-Net of the run's layout (step 0), the grids the run saved
 (samples_<step>.png, EMA weights, the recipe's sampler and guidance), then the held-out art itself,

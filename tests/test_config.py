@@ -30,7 +30,7 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "config", "*.py")))
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread on a shared 2-core machine
 
 
-# ----------------------------------------------------------------------------- the declared ranges, read independently
+# ----- the declared ranges, read independently
 # The notation (configurator.py): "[lo, hi]" / "(lo, hi)" intervals of finite numbers, "N+ of [lo, hi]" tuples of at
 # least N integers in the interval, a tuple of strings the choices, "text", "nonempty", "bool".
 
@@ -153,7 +153,7 @@ def sandbox(tmp_path, monkeypatch):
     return tmp_path
 
 
-# ----------------------------------------------------------------------------- 1. every bad value: one line, at once, nothing written
+# ----- 1. every bad value: one line, at once, nothing written
 
 
 def test_the_independent_reading_of_the_notation_agrees_with_is_valid():
@@ -257,7 +257,7 @@ def test_a_short_run_with_the_default_warmup_stays_legal(capsys):
     assert 0 < td.lr_at(0, C) <= C.lr and td.lr_at(9, C) <= C.lr
 
 
-# ----------------------------------------------------------------------------- 2. every key has a declared range, every default is in it
+# ----- 2. every key has a declared range, every default is in it
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -285,7 +285,7 @@ def test_every_value_of_every_config_file_is_in_range():
         assert explicit == set(values)
 
 
-# ----------------------------------------------------------------------------- 3. config files: parsed, never run
+# ----- 3. config files: parsed, never run
 
 
 def write(path, text):
@@ -350,7 +350,7 @@ def test_config_file_then_overrides(capsys):
     assert "no GPU and no config file" not in capsys.readouterr().err  # a config file replaces the CPU recipe
 
 
-# ----------------------------------------------------------------------------- 4. one writer per run
+# ----- 4. one writer per run
 
 
 def wait_until(condition, proc, timeout, what):
@@ -481,7 +481,8 @@ def test_a_lock_from_another_host_names_the_file_to_delete_after_checking_that_h
         pid,
         "some-other-host",
         f"locked by process {pid} on host some-other-host, which this host "
-        f"cannot check: if no process on some-other-host trains this run any more, delete {tmp_path / 'run.lock'} and rerun",
+        f"cannot check: if no process on some-other-host trains this run any more, delete {tmp_path / 'run.lock'} "
+        "and rerun",
     )
 
 
@@ -519,7 +520,7 @@ def test_two_run_folders_in_the_same_second_are_two_folders(tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.path.basename(p) for p in made)
 
 
-# ----------------------------------------------------------------------------- 5. bounded sampling: batches do not change the images
+# ----- 5. bounded sampling: batches do not change the images
 
 
 @pytest.fixture(scope="module")
@@ -584,7 +585,7 @@ def test_the_tiny_runs_name_their_device_and_config_file(tiny, capsys):
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
 
 
-# ----------------------------------------------------------------------------- devices: CUDA, then Apple's mps, then the CPU
+# ----- devices: CUDA, then Apple's mps, then the CPU
 
 
 @pytest.mark.parametrize("cuda, mps, auto", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])

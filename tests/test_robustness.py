@@ -62,7 +62,7 @@ def copy_run(trained_run, tmp_path):
     return out, out / "run"
 
 
-# ----------------------------------------------------------------------------- 1. overrides
+# ----- 1. overrides
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_sample_override_errors_are_one_line(run_script, args, expected):
     assert r.returncode == 2 and expected in the_error_line(r.stderr), r.stderr
 
 
-# ----------------------------------------------------------------------------- 2. dataset folders
+# ----- 2. dataset folders
 
 
 def folder_config(path, **over):
@@ -176,7 +176,7 @@ def test_train_cli_on_a_missing_folder_exits_2_with_one_line(run_script, small, 
     assert r.returncode == 2 and "does not exist" in the_error_line(r.stderr)
 
 
-# ----------------------------------------------------------------------------- 3. images in a folder
+# ----- 3. images in a folder
 
 
 def image_bytes(kind):
@@ -266,7 +266,7 @@ def test_a_mostly_unreadable_dataset_is_an_error(tmp_path):
     assert "3 of 5 images could not be read" in msg and "check the files" in msg
 
 
-# ----------------------------------------------------------------------------- 4. captions (and a real run on a messy folder)
+# ----- 4. captions (and a real run on a messy folder)
 
 
 def test_messy_folder_trains_with_one_warning_per_problem(small, train_in_process, tmp_path, capsys):
@@ -295,7 +295,7 @@ def test_local_encoder_folder_without_weights_is_one_line(tmp_path):
     assert f"text encoder {tmp_path} could not be loaded" in msg and "local model folder" in msg
 
 
-# ----------------------------------------------------------------------------- 5. sizes the model or the data cannot take
+# ----- 5. sizes the model or the data cannot take
 
 
 def test_unet_config_names_a_valid_image_size():
@@ -327,7 +327,7 @@ def test_sizes_the_run_cannot_take_are_one_line(run_script, small, tmp_path, ove
     assert r.returncode == 2 and expected in the_error_line(r.stderr)
 
 
-# ----------------------------------------------------------------------------- 6. checkpoints
+# ----- 6. checkpoints
 
 
 class RunsCode:
@@ -422,7 +422,7 @@ def test_find_checkpoint_ignores_temporary_files(tmp_path):
     assert checkpoints.find_checkpoint(str(run)) is None and checkpoints.find_checkpoint(str(tmp_path / "out")) is None
 
 
-# ----------------------------------------------------------------------------- 7. sampling settings
+# ----- 7. sampling settings
 
 
 @pytest.mark.parametrize(
@@ -443,7 +443,7 @@ def test_sampling_settings_out_of_range_are_one_line(tmp_path, trained_run, args
     assert expected in msg and not (tmp_path / "samples").exists()
 
 
-# ----------------------------------------------------------------------------- 8. faults
+# ----- 8. faults
 
 
 def logged_train_steps(read_log, run_dir, skip=0):
