@@ -102,7 +102,8 @@ def load_checkpoint(path):
         raise UserError(
             f"{path} is not a readable checkpoint (truncated or not a torch file: {str(e).splitlines()[0][:120]})"
         ) from None
-    needed = ("model", "model_args", "step", "num_timesteps", "text_encoder")  # what sampling and resuming read
+    # what sampling and resuming read
+    needed = ("model", "model_args", "step", "num_timesteps", "prediction_type", "text_encoder", "dataset")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
         raise UserError(
             f"{path} is not a checkpoint of this repo (it lacks {', '.join(needed)}): "
@@ -131,6 +132,5 @@ def build_model(ckpt, weights="ema"):
 
 
 def build_scheduler(ckpt):
-    """The noise schedule and prediction target a checkpoint was trained with (checkpoints from
-    before v-prediction hold no prediction_type: they predict eps)."""
-    return NoiseScheduler(ckpt["num_timesteps"], ckpt.get("prediction_type", "eps"))
+    """The noise schedule and prediction target a checkpoint was trained with."""
+    return NoiseScheduler(ckpt["num_timesteps"], ckpt["prediction_type"])

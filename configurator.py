@@ -154,20 +154,30 @@ def describe(spec):
 
 
 def check_ranges(config, ranges):
+    """Every value with a declared range must lie in it; a key without one has had its type checked only."""
     for key, value in config.items():
-        if not is_valid(value, ranges[key]):
+        spec = ranges.get(key)
+        if spec is not None and not is_valid(value, spec):
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            raise UserError(f"--{key}={shown} is out of range: use {describe(ranges[key])}")
+            raise UserError(f"--{key}={shown} is out of range: use {describe(spec)}")
+
+
+def collect_settings(script_globals, before):
+    """A script's settings and their defaults: the globals it defined after `before = set(globals())`
+    (names starting with _ excluded). Each must be a value the command line can set."""
+    settings = {k: v for k, v in script_globals.items() if k not in before and not k.startswith("_")}
+    for key, value in settings.items():
+        if type(value) not in KIND or (isinstance(value, tuple) and not all(type(v) is int for v in value)):
+            raise UserError(f"setting {key} = {value!r}: use true/false, a number, text or a tuple of integers")
+    return settings
 
 
 def parse_config(argv, defaults, ranges=None):
     """nanoGPT-style configuration. argv: config files (*.py) first, then `--key=value` for any
-    key of `defaults`, converted to the default's type; every value is then checked against its
-    declared range. Returns (C, explicit): a namespace of all settings and the set of keys that a
-    file or the command line set. Without `ranges` (the benchmarks) only the types are checked."""
-    assert ranges is None or ranges.keys() == defaults.keys(), (
-        f"keys without a declared range: {set(defaults) ^ set(ranges)}"
-    )
+    key of `defaults`, converted to the default's type; every value with a declared range in
+    `ranges` is then checked against it (a key without one, such as a constant a user added to a
+    script, is type-checked only). Returns (C, explicit): a namespace of all settings and the set
+    of keys that a file or the command line set."""
     config, explicit, seen_override = dict(defaults), set(), False
     for arg in argv:
         if arg.endswith(".py") and not arg.startswith("--"):
@@ -188,8 +198,7 @@ def parse_config(argv, defaults, ranges=None):
         config[key] = _convert(key, text, defaults[key])
         explicit.add(key)
         seen_override = True
-    if ranges is not None:
-        check_ranges(config, ranges)
+    check_ranges(config, ranges or {})
     return SimpleNamespace(**config), explicit
 
 

@@ -18,12 +18,14 @@ import sys
 import torch
 
 from checkpoints import build_model, build_scheduler, find_checkpoint, load_checkpoint
-from configurator import DEVICES, UserError, parse_config, pick_device, run_cli
+from configurator import DEVICES, UserError, collect_settings, parse_config, pick_device, run_cli
 from diffusion_model import sample
 from image_data import save_grid
 from text_encoders import TextEncoder, embed_prompts
 
 # -----------------------------------------------------------------------------
+# settings: every global below can be overridden as --key=value
+_before_settings = set(globals())
 checkpoint = ""  # a ckpt.pt or a run folder; "" = the latest run in out_dir
 condition = "a large red circle in the center"  # the prompt; "" is the unconditional prompt (the model's own prior)
 guidance_scale = 3.0  # CFG weight w: out = out_u + w (out_c - out_u); 3, the scale the recipes' samples are judged at
@@ -41,7 +43,8 @@ save_trajectory = False  # also write generated_image_pokemon_trajectory.png: x_
 out_dir = "diffusion_results"
 device = "auto"  # auto (CUDA, else Apple's mps, else the CPU) | cuda | mps | cpu
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+DEFAULTS = collect_settings(globals(), _before_settings)
+# The valid values of the settings (configurator.py reads the notation); a setting without one is type-checked only.
 RANGES = dict(
     checkpoint="text",
     condition="text",
@@ -100,7 +103,7 @@ def main(argv):
     del encoder
     how = "ddpm, all steps" if C.sampler == "ddpm" else f"ddim, {C.steps} steps, eta {C.eta:g}"
     print(
-        f"checkpoint {path} (step {ckpt['step']}, {ckpt.get('dataset', '?')}, predicts {scheduler.prediction_type}, "
+        f"checkpoint {path} (step {ckpt['step']}, {ckpt['dataset']}, predicts {scheduler.prediction_type}, "
         f"text encoder {ckpt['text_encoder']}) | {how} | {dev}"
     )
 

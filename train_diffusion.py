@@ -33,6 +33,7 @@ from configurator import (
     DEVICES,
     UserError,
     check_ranges,
+    collect_settings,
     hub_reachable,
     offline_banner,
     parse_config,
@@ -48,7 +49,7 @@ from text_encoders import TextEncoder, embed_prompts, encode_captions, resolve_t
 # config: every global below can be set in a config file or overridden as --key=value.
 # These defaults are the GPU recipe; without a GPU and without a config file, config/shapes_cpu.py
 # is read first (a banner says so).
-_before_config = set(globals())
+_before_settings = set(globals())
 # data
 # auto (Pokémon if the Hub answers, else shapes) | pokemon | shapes | a Hub dataset id | a local imagefolder
 dataset = "auto"
@@ -106,9 +107,9 @@ device = "auto"  # auto (CUDA, else Apple's mps, else the CPU) | cuda | mps | cp
 compile = False  # torch.compile the U-Net for training
 seed = 0
 # -----------------------------------------------------------------------------
-CONFIG_KEYS = [k for k in globals() if k not in _before_config and not k.startswith("_")]
-DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
-# The valid values of every key (configurator.py reads the notation): checked before any work.
+DEFAULTS = collect_settings(globals(), _before_settings)
+# The valid values of the settings (configurator.py reads the notation): checked before any work.
+# A setting without one is type-checked only; tests/test_config.py insists every shipped one has one.
 RANGES = dict(
     dataset="nonempty",
     image_column="nonempty",
@@ -156,16 +157,9 @@ RANGES = dict(
     compile="bool",
     seed="[0, 2147483647]",
 )
-MODEL_KEYS = (
-    "base_channels",
-    "channel_mults",
-    "num_res_blocks",
-    "attention_levels",
-    "n_heads",
-    "dropout",
-    "pos_embed",
-    "coord_conv",
-    "patch_size",
+# the U-Net's settings: UNetConfig's fields but those that come from the data and the text encoder
+MODEL_KEYS = tuple(
+    f.name for f in dataclasses.fields(UNetConfig) if f.name not in ("image_size", "in_channels", "context_dim")
 )
 # keys a resumed run must keep: changing them mid-run would train another model on other data (val_fraction and
 # eval_images split the images: another value would move trained-on images into validation)
@@ -185,16 +179,6 @@ RUN_KEYS = MODEL_KEYS + (
 )
 # keys that describe this invocation, not the run: never taken from a checkpoint
 SESSION_KEYS = ("resume", "out_dir", "device")
-# what runs saved before these keys existed trained with
-RUN_DEFAULTS_BEFORE_KEY = dict(
-    pos_embed=False,
-    coord_conv=False,
-    patch_size=1,
-    sample_guidance_t_min=0,
-    prediction_type="eps",
-    shapes_captions="six",
-    min_snr_gamma=0.0,
-)
 CPU_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "shapes_cpu.py")
 
 
@@ -399,14 +383,20 @@ def resume_run(C, explicit, sysinfo):
             check_consistency(C)
             return None, None, None
         ckpt = load_checkpoint(path)
-        missing = [k for k in ("ema", "optimizer", "rng") if k not in ckpt]
+        missing = [k for k in ("ema", "optimizer", "rng", "config") if k not in ckpt]
         if missing:
             raise UserError(
                 f"{path} holds no {', '.join(missing)}: it cannot be resumed exactly; sample from it with "
                 f"sample_diffusion.py, or start a new run (drop --resume)"
             )
-        stored = {**DEFAULTS, **RUN_DEFAULTS_BEFORE_KEY, **ckpt.get("config", {})}
-        for k in CONFIG_KEYS:
+        stored = ckpt["config"]
+        lacking = [k for k in DEFAULTS if k not in stored]
+        if lacking:
+            raise UserError(
+                f"{path} was written by another version of train_diffusion.py (its settings lack "
+                f"{', '.join(lacking)}): start a new run (drop --resume)"
+            )
+        for k in DEFAULTS:
             if k in SESSION_KEYS:
                 continue
             if k in explicit and getattr(C, k) != stored[k]:
@@ -431,7 +421,7 @@ def check_layout(C, model_args, path):
     """The U-Net that the run's settings describe must be the one whose weights the checkpoint
     holds: pos_embed adds no weights, so a mismatch there would load silently as another model."""
     for k in MODEL_KEYS:
-        saved, mine = model_args.get(k, getattr(C, k)), getattr(C, k)
+        saved, mine = model_args[k], getattr(C, k)
         if (tuple(saved) if isinstance(saved, list) else saved) != mine:
             raise UserError(
                 f"{path}: its weights are a U-Net with {k}={saved} but its settings say {mine}: the checkpoint "
@@ -669,7 +659,7 @@ def build_training(C, D, ckpt, sysinfo):
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # load_state_dict brings back the saved weight decay: the run's wins
             group["weight_decay"] = C.weight_decay
-        step, wandb_id = ckpt["step"], ckpt.get("wandb_id")
+        step, wandb_id = ckpt["step"], ckpt["wandb_id"]
         restore_rng(ckpt["rng"], sysinfo)
     train_model = torch.compile(model) if C.compile else model
     if sysinfo.ddp:
@@ -694,7 +684,7 @@ def restore_rng(rng, sysinfo):
     fewer ranks gives the extra ranks entry 0)."""
     mine = lambda states: states[sysinfo.rank] if sysinfo.rank < len(states) else states[0]
     torch.set_rng_state(mine(rng["torch"]))
-    if sysinfo.device.type == "cuda" and rng.get("cuda"):
+    if sysinfo.device.type == "cuda" and rng["cuda"]:
         torch.cuda.set_rng_state(mine(rng["cuda"]), sysinfo.device)
 
 

@@ -257,7 +257,7 @@ def test_a_short_run_with_the_default_warmup_stays_legal(capsys):
     assert 0 < td.lr_at(0, C) <= C.lr and td.lr_at(9, C) <= C.lr
 
 
-# ----- 2. every key has a declared range, every default is in it
+# ----- 2. every shipped key has a declared range, every default is in it
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -271,6 +271,24 @@ def test_every_key_has_a_range_and_every_default_is_in_it(script):
             m.RANGES[key],
         )
     configurator.parse_config([], m.DEFAULTS, m.RANGES)  # the defaults pass the script's own check
+
+
+def test_a_users_own_setting_without_a_range_is_type_checked_and_accepted(tmp_path):
+    """sample_diffusion.py tells its users to edit its constants: one they add without a range is a
+    setting like the others (--key=value, a config file, its type checked), not an AssertionError."""
+    source = open(os.path.join(ROOT, "sample_diffusion.py"), encoding="utf-8").read()
+    mine = '\nout_dir = "diffusion_results"\nmy_steps = 7  # the user\'s own constant\n'
+    source = source.replace('\nout_dir = "diffusion_results"\n', mine)
+    m = {"__name__": "users_sample_diffusion"}
+    exec(compile(source, "sample_diffusion.py", "exec"), m)
+    assert m["DEFAULTS"]["my_steps"] == 7 and "my_steps" not in m["RANGES"]
+    C, explicit = configurator.parse_config(["--my_steps=12"], m["DEFAULTS"], m["RANGES"])
+    assert C.my_steps == 12 and explicit == {"my_steps"}
+    with pytest.raises(configurator.UserError, match="--my_steps=many: expected an integer"):
+        configurator.parse_config(["--my_steps=many"], m["DEFAULTS"], m["RANGES"])
+    (tmp_path / "mine.py").write_text("my_steps = 'many'\n")
+    with pytest.raises(configurator.UserError, match="my_steps = 'many': expected an integer"):
+        configurator.parse_config([str(tmp_path / "mine.py")], m["DEFAULTS"], m["RANGES"])
 
 
 def test_every_value_of_every_config_file_is_in_range():

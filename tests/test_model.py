@@ -526,8 +526,8 @@ def test_samplers_recover_the_single_image_of_a_point_mass(prediction_type):
             assert torch.allclose(out, MU[1:].expand_as(out), atol=1e-4), (kw, w)
 
 
-def test_a_checkpoint_without_prediction_type_predicts_eps():
+def test_a_checkpoint_rebuilds_the_prediction_type_it_was_trained_with():
     import checkpoints
 
-    assert checkpoints.build_scheduler({"num_timesteps": 10}).prediction_type == "eps"  # saved before v existed
-    assert checkpoints.build_scheduler({"num_timesteps": 10, "prediction_type": "v"}).prediction_type == "v"
+    for kind in ("eps", "v"):
+        assert checkpoints.build_scheduler({"num_timesteps": 10, "prediction_type": kind}).prediction_type == kind
