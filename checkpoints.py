@@ -1,16 +1,23 @@
 """
 Checkpoints: written atomically (a crash never leaves a broken ckpt.pt), read with
 weights_only=True (a file that would run code is refused unread), found in a run folder or an
-out_dir, and turned back into a U-Net and its noise schedule without the training script.
+out_dir, and turned back into a U-Net and its noise schedule without the training script. Also the
+run folder they live in, and its lock: one process writes a run.
 """
 
 import contextlib
+import dataclasses
 import os
+import socket
+import sys
+import time
+from datetime import datetime
 
 import torch
 
 from configurator import UserError
 from diffusion_model import NoiseScheduler, UNet, UNetConfig
+from distributed import gather_rng
 
 CKPT_NAME = "ckpt.pt"
 
@@ -134,3 +141,141 @@ def build_model(ckpt, weights="ema"):
 def build_scheduler(ckpt):
     """The noise schedule and prediction target a checkpoint was trained with."""
     return NoiseScheduler(ckpt["num_timesteps"], ckpt["prediction_type"])
+
+
+def checkpoint_state(C, M, D, step, sysinfo, wandb_run):
+    """What ckpt.pt holds. Collective under torchrun: every rank must call it."""
+    rng = dict(
+        torch=gather_rng(sysinfo, torch.get_rng_state()),
+        cuda=gather_rng(sysinfo, torch.cuda.get_rng_state(sysinfo.device)) if sysinfo.device.type == "cuda" else [],
+    )
+    return dict(
+        model=M.model.state_dict(),
+        ema=M.ema.state_dict(),
+        optimizer=M.optimizer.state_dict(),
+        step=step,
+        model_args=dataclasses.asdict(M.cfg),
+        num_timesteps=C.num_timesteps,
+        prediction_type=C.prediction_type,
+        text_encoder=C.text_encoder,
+        dataset=D.name,
+        config=vars(C),
+        wandb_id=wandb_run.id if wandb_run else None,
+        rng=rng,
+    )
+
+
+# -----------------------------------------------------------------------------
+# One writer per run: a run folder, and a lock file in it
+
+
+def new_run_dir(out_dir, name):
+    """A new run folder, created atomically: two runs started in the same second get two folders."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{name}")
+    for i in range(1000):
+        path = base if i == 0 else f"{base}-{i}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"could not create a new run folder in {out_dir}: clean up old runs")
+
+
+def lock_run(run_dir):
+    """Take the run folder for this process: run.lock holds pid and host, created with O_EXCL so
+    that of two processes exactly one gets it (on Linux, macOS and Windows). A lock left on this host
+    by a process that is gone, or that holds this process's own pid (a restarted container numbers
+    its processes anew), is taken over with a warning, under a second lock (filelock) so that of two
+    processes taking it over one does and the other then sees it held. A live holder is an error
+    naming it; a holder on another host cannot be checked from here, and the error says how to take
+    the run over once that host is checked. Returns the lock's path."""
+    path = os.path.join(run_dir, "run.lock")
+    for _ in range(50):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(path)
+            if holder is None:  # being written this instant: look again
+                time.sleep(0.1)
+                continue
+            pid, host = holder
+            if host != socket.gethostname():
+                raise UserError(
+                    f"run {run_dir} is locked by process {pid} on host {host}, which this host cannot check: "
+                    f"if no process on {host} trains this run any more, delete {path} and rerun"
+                )
+            if pid != os.getpid() and pid_alive(pid):
+                raise UserError(
+                    f"run {run_dir} is in use by process {pid} on {host}: wait for it to end, stop it, "
+                    f"or start a new run (drop --resume)"
+                )
+            take_over_stale_lock(path, holder)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return path
+    raise UserError(f"could not take the lock {path}: delete it if no process is training this run, then rerun")
+
+
+def take_over_stale_lock(path, holder):
+    """Remove run.lock if it still holds `holder` (a process that is gone). The check and the removal
+    run under a filelock, so that two processes never both remove: the second one finds the first's
+    new lock. The guard file is deleted afterwards (a guard taken meanwhile on the deleted file still
+    finds the stale lock gone)."""
+    import filelock
+
+    guard = filelock.FileLock(path + ".takeover", timeout=30)
+    with guard:
+        if read_lock(path) == holder:  # still the stale one: nobody took it over meanwhile
+            print(
+                f"warning: {os.path.dirname(path)} was locked by process {holder[0]}, which is gone: "
+                "taking the run over",
+                file=sys.stderr,
+            )
+            os.remove(path)
+    with contextlib.suppress(OSError):
+        os.remove(path + ".takeover")
+
+
+def read_lock(path):
+    """(pid, host) of a lock file, or None while it is being written (or is damaged)."""
+    try:
+        pid, host = open(path).read().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid):
+    """Is process `pid` of this host running? On Windows os.kill would end it: ask the kernel instead."""
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # access denied: it exists
+        try:
+            code = ctypes.c_ulong()
+            return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_lock(path):
+    """Remove run.lock if this process holds it (a lock another process took over is left alone)."""
+    if path is None:
+        return
+    holder = read_lock(path)
+    if holder is not None and holder[0] == os.getpid():
+        with contextlib.suppress(OSError):
+            os.remove(path)

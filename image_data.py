@@ -1,18 +1,22 @@
 """
 Images in and out: every dataset (a Hugging Face Hub dataset, a local `imagefolder`, the built-in
 shapes) becomes uint8 images (N, 3, S, S) in memory plus one caption each, after checks that name
-the problem in one line; and sample grids go out as PNG files.
+the problem in one line; sample grids go out as PNG files; and training's data (load_data) sits on
+the device with its captions embedded, read in batches that depend on the step alone.
 """
 
 import json
 import os
 import re
 import sys
+from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
 
+import shapes
 from configurator import UserError
+from text_encoders import TextEncoder, embed_prompts, encode_captions
 
 POKEMON_ID = "reach-vb/pokemon-blip-captions"  # a live mirror of lambdalabs/pokemon-blip-captions (gated upstream)
 
@@ -211,3 +215,56 @@ def save_grid(images, path, nrow=8):
     from torchvision.utils import save_image
 
     save_image((images.float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+# -----------------------------------------------------------------------------
+# Training data: images on the device, every distinct caption embedded once, batches by step
+
+
+def load_data(C, sysinfo):
+    """Images, the caption table and the fixed prompts for sample grids and the judge."""
+    images, captions, name, flip_ok = load_image_dataset(C)
+    encoder = TextEncoder(C.text_encoder, sysinfo.device)
+    n_cut = encoder.count_truncated(captions)
+    if sysinfo.master and n_cut:
+        print(f"warning: {n_cut} captions are longer than {encoder.max_length} tokens and were cut", file=sys.stderr)
+    ctx_table, ctx_mask, rows = encode_captions(encoder, captions)
+    val_idx, train_idx = split_indices(len(images), C.seed, C.val_fraction, C.eval_images)
+    if len(train_idx) // sysinfo.world < C.batch_size:
+        raise UserError(
+            f"batch_size {C.batch_size} is larger than the {len(train_idx) // sysinfo.world} training images "
+            f"per process: lower --batch_size"
+        )
+    dev = sysinfo.device
+    D = SimpleNamespace(
+        name=name,
+        flip_ok=flip_ok,
+        context_dim=encoder.dim,
+        ctx_table=ctx_table.to(dev),
+        ctx_mask=ctx_mask.to(dev),
+        train_images=images[train_idx].to(dev),
+        train_rows=rows[train_idx].to(dev),  # small datasets live on the device as uint8
+        val_images=images[val_idx],
+        val_rows=rows[val_idx],
+        judge_prompts=None,
+    )
+    # fixed prompts for sample grids: the judge's prompts on shapes, validation captions elsewhere
+    if C.dataset == "shapes":
+        D.judge_prompts = shapes.eval_prompts()
+        D.judge_ctx = embed_prompts(encoder, [p["caption"] for p in D.judge_prompts], dev)
+        D.sample_prompts = [p["caption"] for p in D.judge_prompts][:16]
+    else:
+        D.sample_prompts = [captions[i] for i in val_idx[:8].tolist()]
+    D.sample_cond, D.sample_uncond = embed_prompts(encoder, D.sample_prompts, dev)
+    D.real_art = None  # set by load_real_art on rank 0 for image datasets
+    return D
+
+
+def global_batch_indices(step, n, global_batch, seed):
+    """The image indices of global batch `step`: each epoch is one permutation of the training set
+    cut into global batches; under torchrun rank r trains on slice r of it. A pure function of the
+    step, so a resumed run replays the same data, and N ranks see what one process would."""
+    steps_per_epoch = n // global_batch
+    epoch, pos = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return perm[pos * global_batch : (pos + 1) * global_batch]

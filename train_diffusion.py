@@ -7,28 +7,35 @@ Train the text-conditioned diffusion model of diffusion_model.py.
     torchrun --nproc_per_node=4 train_diffusion.py     # the same script on 4 GPUs (DDP)
 
 Each run lives in its own folder under out_dir: checkpoints (ckpt.pt), sample grids, the W&B run.
-The file reads top to bottom: the settings, the setup of a run (resume, data, model, logging) in
-named functions, then `main` with the one training loop.
+The file reads top to bottom: the settings, the setup of a run (resume, `auto`, model) in named
+functions, then `main` with the one training loop. Its helpers live in modules named for them:
+distributed.py (device, ranks, stop signals), checkpoints.py (checkpoints, the run folder and its
+lock), image_data.py (the data), evaluation.py (evaluation, sample grids, logging).
 """
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
-from datetime import datetime
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-import shapes
-from checkpoints import CKPT_NAME, find_checkpoint, load_checkpoint, save_checkpoint
+from checkpoints import (
+    CKPT_NAME,
+    checkpoint_state,
+    find_checkpoint,
+    load_checkpoint,
+    lock_run,
+    new_run_dir,
+    release_lock,
+    save_checkpoint,
+)
 from configurator import (
     DEVICES,
     UserError,
@@ -41,9 +48,20 @@ from configurator import (
     read_config_file,
     run_cli,
 )
-from diffusion_model import NoiseScheduler, UNet, UNetConfig, diffusion_loss, sample
-from image_data import load_image_dataset, save_grid, split_indices
-from text_encoders import TextEncoder, embed_prompts, encode_captions, resolve_text_encoder
+from diffusion_model import NoiseScheduler, UNet, UNetConfig, diffusion_loss
+from distributed import (
+    all_mean,
+    any_rank,
+    check_replicas_identical,
+    from_rank0,
+    install_stop_handlers,
+    restore_rng,
+    setup_device,
+    stop_requested,
+)
+from evaluation import evaluate, load_real_art, run_banner, save_samples, start_wandb, write_log
+from image_data import global_batch_indices, load_data
+from text_encoders import resolve_text_encoder
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set in a config file or overridden as --key=value.
@@ -163,20 +181,9 @@ MODEL_KEYS = tuple(
 )
 # keys a resumed run must keep: changing them mid-run would train another model on other data (val_fraction and
 # eval_images split the images: another value would move trained-on images into validation)
-RUN_KEYS = MODEL_KEYS + (
-    "dataset",
-    "image_column",
-    "caption_column",
-    "image_size",
-    "shapes_num_images",
-    "shapes_captions",
-    "val_fraction",
-    "eval_images",
-    "text_encoder",
-    "num_timesteps",
-    "prediction_type",
-    "seed",
-)
+RUN_KEYS = MODEL_KEYS + ("dataset", "image_column", "caption_column", "image_size", "shapes_num_images")
+RUN_KEYS += ("shapes_captions", "val_fraction", "eval_images", "text_encoder", "num_timesteps", "prediction_type")
+RUN_KEYS += ("seed",)
 # keys that describe this invocation, not the run: never taken from a checkpoint
 SESSION_KEYS = ("resume", "out_dir", "device")
 CPU_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "shapes_cpu.py")
@@ -240,120 +247,6 @@ def unet_config(C, context_dim=1):  # context_dim 1: before the encoder is loade
         raise UserError(
             f"{e} (--image_size, --patch_size, --base_channels, --channel_mults, --attention_levels, --n_heads)"
         ) from None
-
-
-# -----------------------------------------------------------------------------
-# Devices and processes: one place for CUDA, autocast and torch.distributed
-
-
-def setup_device(C):
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    kind = pick_device(C.device).type
-    use_cuda = kind == "cuda"
-    rank, world, local_rank = 0, 1, 0
-    if ddp:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if kind == "mps":
-            raise UserError(
-                "torchrun with --device=mps: torch.distributed does not run on Apple's GPU; train in one process"
-            )
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    dev = torch.device(f"cuda:{local_rank}" if use_cuda else kind)
-    if use_cuda:
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    # bf16 autocast on CUDA; plain fp32 on the CPU, where bf16 is slow on most processors, and on Apple's GPU
-    # (mps), whose autocast and bf16 support depend on the macOS and torch versions
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
-    return SimpleNamespace(ddp=ddp, rank=rank, world=world, device=dev, autocast=autocast, master=rank == 0)
-
-
-def from_rank0(sysinfo, value):
-    """Rank 0's value on every rank (e.g. whether the Hub answered), so that all ranks decide alike."""
-    if not sysinfo.ddp:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def any_rank(sysinfo, flag):
-    """True if `flag` (a bool tensor) is true on any rank."""
-    if sysinfo.ddp:
-        flag = flag.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
-
-
-def all_mean(sysinfo, x):
-    """The mean of a scalar tensor over ranks, as a float (the loss of the global batch)."""
-    x = x.float().clone()
-    dist.all_reduce(x)
-    return x.item() / sysinfo.world
-
-
-def stop_requested(sysinfo, local_signal, step, every):
-    """Under torchrun every rank must stop at the same step, so the flag is all-reduced, and only
-    every `every` steps: the all-reduce waits for the GPU, which must not happen every step."""
-    if not sysinfo.ddp:
-        return bool(local_signal)
-    if step % every:
-        return False
-    flag = torch.tensor([1 if local_signal else 0], device=sysinfo.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def gather_rng(sysinfo, state):
-    """Every rank's RNG state (dropout draws from it), so a resumed DDP run continues each rank's."""
-    if not sysinfo.ddp:
-        return [state]
-    states = [None] * sysinfo.world
-    dist.all_gather_object(states, state.cpu())
-    return states
-
-
-class ReplicasDiverged(RuntimeError):
-    """The DDP ranks hold different weights: a bug, not the user's input (a traceback, not one line)."""
-
-
-def check_replicas_identical(sysinfo, model):
-    """Every rank compares a checksum of its weights (their sum and a position-weighted sum, so that
-    swapped entries count too) with rank 0's; all ranks raise ReplicasDiverged if any differs."""
-    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
-    position_weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype).sin()
-    mine = torch.stack([flat.sum(), (flat * position_weights).sum()])
-    rank0s = mine.clone()
-    dist.broadcast(rank0s, src=0)
-    all_same = torch.tensor([int(torch.equal(mine, rank0s))], device=mine.device)
-    dist.all_reduce(all_same, op=dist.ReduceOp.MIN)  # 0 if any rank differs
-    if not bool(all_same):
-        raise ReplicasDiverged("DDP replicas diverged: the ranks hold different weights")
-    if sysinfo.master:
-        print(f"all {sysinfo.world} ranks hold identical weights")
-
-
-# -----------------------------------------------------------------------------
-# Stop signals: Ctrl-C or SIGTERM before training exits at once, during training saves and exits
-
-
-def install_stop_handlers():
-    """Returns the flag the loop reads; `stop.restore()` puts the previous handlers back."""
-    stop = SimpleNamespace(signal=0, training=False)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    stop.restore = lambda: [signal.signal(s, h) for s, h in previous.items()]
-
-    def handler(signum, frame):
-        if not stop.training:  # loading data or the encoder: nothing to save yet, nothing was written
-            print(f"stopped by signal {signum} before training started; nothing was written", file=sys.stderr)
-            raise SystemExit(128 + signum)
-        stop.signal = signum
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
 
 
 # -----------------------------------------------------------------------------
@@ -430,123 +323,7 @@ def check_layout(C, model_args, path):
 
 
 # -----------------------------------------------------------------------------
-# One writer per run: a lock file in the run folder
-
-
-def new_run_dir(out_dir, name):
-    """A new run folder, created atomically: two runs started in the same second get two folders."""
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{name}")
-    for i in range(1000):
-        path = base if i == 0 else f"{base}-{i}"
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-    raise UserError(f"could not create a new run folder in {out_dir}: clean up old runs")
-
-
-def lock_run(run_dir):
-    """Take the run folder for this process: run.lock holds pid and host, created with O_EXCL so
-    that of two processes exactly one gets it (on Linux, macOS and Windows). A lock left on this host
-    by a process that is gone, or that holds this process's own pid (a restarted container numbers
-    its processes anew), is taken over with a warning, under a second lock (filelock) so that of two
-    processes taking it over one does and the other then sees it held. A live holder is an error
-    naming it; a holder on another host cannot be checked from here, and the error says how to take
-    the run over once that host is checked. Returns the lock's path."""
-    path = os.path.join(run_dir, "run.lock")
-    for _ in range(50):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = read_lock(path)
-            if holder is None:  # being written this instant: look again
-                time.sleep(0.1)
-                continue
-            pid, host = holder
-            if host != socket.gethostname():
-                raise UserError(
-                    f"run {run_dir} is locked by process {pid} on host {host}, which this host cannot check: "
-                    f"if no process on {host} trains this run any more, delete {path} and rerun"
-                )
-            if pid != os.getpid() and pid_alive(pid):
-                raise UserError(
-                    f"run {run_dir} is in use by process {pid} on {host}: wait for it to end, stop it, "
-                    f"or start a new run (drop --resume)"
-                )
-            take_over_stale_lock(path, holder)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
-        return path
-    raise UserError(f"could not take the lock {path}: delete it if no process is training this run, then rerun")
-
-
-def take_over_stale_lock(path, holder):
-    """Remove run.lock if it still holds `holder` (a process that is gone). The check and the removal
-    run under a filelock, so that two processes never both remove: the second one finds the first's
-    new lock. The guard file is deleted afterwards (a guard taken meanwhile on the deleted file still
-    finds the stale lock gone)."""
-    import filelock
-
-    guard = filelock.FileLock(path + ".takeover", timeout=30)
-    with guard:
-        if read_lock(path) == holder:  # still the stale one: nobody took it over meanwhile
-            print(
-                f"warning: {os.path.dirname(path)} was locked by process {holder[0]}, which is gone: "
-                "taking the run over",
-                file=sys.stderr,
-            )
-            os.remove(path)
-    with contextlib.suppress(OSError):
-        os.remove(path + ".takeover")
-
-
-def read_lock(path):
-    """(pid, host) of a lock file, or None while it is being written (or is damaged)."""
-    try:
-        pid, host = open(path).read().split()
-        return int(pid), host
-    except (OSError, ValueError):
-        return None
-
-
-def pid_alive(pid):
-    """Is process `pid` of this host running? On Windows os.kill would end it: ask the kernel instead."""
-    if os.name == "nt":
-        import ctypes
-
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return ctypes.get_last_error() == 5  # access denied: it exists
-        try:
-            code = ctypes.c_ulong()
-            return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
-        finally:
-            kernel32.CloseHandle(handle)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def release_lock(path):
-    """Remove run.lock if this process holds it (a lock another process took over is left alone)."""
-    if path is None:
-        return
-    holder = read_lock(path)
-    if holder is not None and holder[0] == os.getpid():
-        with contextlib.suppress(OSError):
-            os.remove(path)
-
-
-# -----------------------------------------------------------------------------
-# Data and text: images in memory, every distinct caption embedded once
+# `auto` dataset and text encoder: decided once, for every rank
 
 
 def resolve_auto(C, sysinfo):
@@ -564,78 +341,6 @@ def resolve_auto(C, sysinfo):
         C.text_encoder = os.path.abspath(C.text_encoder)
     if C.image_size == 0:
         C.image_size = 32 if C.dataset == "shapes" else 64
-
-
-def load_data(C, sysinfo):
-    """Images, the caption table and the fixed prompts for sample grids and the judge."""
-    images, captions, name, flip_ok = load_image_dataset(C)
-    encoder = TextEncoder(C.text_encoder, sysinfo.device)
-    n_cut = encoder.count_truncated(captions)
-    if sysinfo.master and n_cut:
-        print(f"warning: {n_cut} captions are longer than {encoder.max_length} tokens and were cut", file=sys.stderr)
-    ctx_table, ctx_mask, rows = encode_captions(encoder, captions)
-    val_idx, train_idx = split_indices(len(images), C.seed, C.val_fraction, C.eval_images)
-    if len(train_idx) // sysinfo.world < C.batch_size:
-        raise UserError(
-            f"batch_size {C.batch_size} is larger than the {len(train_idx) // sysinfo.world} training images "
-            f"per process: lower --batch_size"
-        )
-    dev = sysinfo.device
-    D = SimpleNamespace(
-        name=name,
-        flip_ok=flip_ok,
-        context_dim=encoder.dim,
-        ctx_table=ctx_table.to(dev),
-        ctx_mask=ctx_mask.to(dev),
-        train_images=images[train_idx].to(dev),
-        train_rows=rows[train_idx].to(dev),  # small datasets live on the device as uint8
-        val_images=images[val_idx],
-        val_rows=rows[val_idx],
-        judge_prompts=None,
-    )
-    # fixed prompts for sample grids: the judge's prompts on shapes, validation captions elsewhere
-    if C.dataset == "shapes":
-        D.judge_prompts = shapes.eval_prompts()
-        D.judge_ctx = embed_prompts(encoder, [p["caption"] for p in D.judge_prompts], dev)
-        D.sample_prompts = [p["caption"] for p in D.judge_prompts][:16]
-    else:
-        D.sample_prompts = [captions[i] for i in val_idx[:8].tolist()]
-    D.sample_cond, D.sample_uncond = embed_prompts(encoder, D.sample_prompts, dev)
-    D.real_art = None  # set by load_real_art on rank 0 for image datasets
-    return D
-
-
-def load_real_art(C, D, sysinfo):
-    """The real side of the quality evaluation (image datasets, rank 0): features of the held-out
-    and the training art, computed once. Without the metric's packages training goes on without it."""
-    if C.dataset == "shapes" or not sysinfo.master:
-        return None
-    import image_quality
-
-    if not image_quality.available():
-        print(
-            f"real-image evaluation is off (KID, copy check): {image_quality.INSTALL_HINT} to turn it on",
-            file=sys.stderr,
-        )
-        return None
-    if len(D.val_images) < 2:
-        print(
-            f"real-image evaluation is off: KID needs 2 or more held-out images, not {len(D.val_images)} "
-            f"(raise --val_fraction)",
-            file=sys.stderr,
-        )
-        return None
-    return image_quality.RealArt(image_quality.FeatureExtractor(sysinfo.device), D.val_images, D.train_images)
-
-
-def global_batch_indices(step, n, global_batch, seed):
-    """The image indices of global batch `step`: each epoch is one permutation of the training set
-    cut into global batches; under torchrun rank r trains on slice r of it. A pure function of the
-    step, so a resumed run replays the same data, and N ranks see what one process would."""
-    steps_per_epoch = n // global_batch
-    epoch, pos = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return perm[pos * global_batch : (pos + 1) * global_batch]
 
 
 # -----------------------------------------------------------------------------
@@ -679,188 +384,12 @@ def build_training(C, D, ckpt, sysinfo):
     )
 
 
-def restore_rng(rng, sysinfo):
-    """Each rank continues its own random streams: rank r takes entry r (a checkpoint written by
-    fewer ranks gives the extra ranks entry 0)."""
-    mine = lambda states: states[sysinfo.rank] if sysinfo.rank < len(states) else states[0]
-    torch.set_rng_state(mine(rng["torch"]))
-    if sysinfo.device.type == "cuda" and rng["cuda"]:
-        torch.cuda.set_rng_state(mine(rng["cuda"]), sysinfo.device)
-
-
-def checkpoint_state(C, M, D, step, sysinfo, wandb_run):
-    """What ckpt.pt holds. Collective under torchrun: every rank must call it."""
-    rng = dict(
-        torch=gather_rng(sysinfo, torch.get_rng_state()),
-        cuda=gather_rng(sysinfo, torch.cuda.get_rng_state(sysinfo.device)) if sysinfo.device.type == "cuda" else [],
-    )
-    return dict(
-        model=M.model.state_dict(),
-        ema=M.ema.state_dict(),
-        optimizer=M.optimizer.state_dict(),
-        step=step,
-        model_args=dataclasses.asdict(M.cfg),
-        num_timesteps=C.num_timesteps,
-        prediction_type=C.prediction_type,
-        text_encoder=C.text_encoder,
-        dataset=D.name,
-        config=vars(C),
-        wandb_id=wandb_run.id if wandb_run else None,
-        rng=rng,
-    )
-
-
 def lr_at(step, C):
     """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
     if step < C.warmup_steps:
         return C.lr * (step + 1) / C.warmup_steps
     progress = min(1.0, (step - C.warmup_steps) / max(1, C.max_steps - C.warmup_steps))
     return C.min_lr + 0.5 * (C.lr - C.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-# -----------------------------------------------------------------------------
-# Evaluation and logging
-
-
-@torch.no_grad()
-def validation_loss(model, scheduler, images, ctx_table, ctx_mask, rows, batch, autocast, min_snr_gamma=0.0):
-    """Mean loss over the validation images at fixed timesteps (evenly spread over [0, T)) and
-    fixed noise, so that two evaluations differ only by the model."""
-    model.eval()
-    g = torch.Generator().manual_seed(1234)
-    N, T = images.shape[0], scheduler.num_timesteps
-    t_all = torch.linspace(0, T - 1, N).round().long()
-    noise_all = torch.randn(images.shape, generator=g)
-    total = 0.0
-    for i in range(0, N, batch):
-        x0 = images[i : i + batch].to(ctx_table.device).float() / 127.5 - 1
-        r = rows[i : i + batch].to(ctx_table.device)
-        with autocast:
-            loss = diffusion_loss(
-                model,
-                scheduler,
-                x0,
-                ctx_table[r],
-                ctx_mask[r],
-                t_all[i : i + batch].to(x0.device),
-                noise_all[i : i + batch].to(x0.device),
-                min_snr_gamma,
-            )
-        total += loss.item() * x0.shape[0]
-    model.train()
-    return total / N
-
-
-def evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s):
-    """Validation loss; on shapes the judge's adherence with and without guidance; on image
-    datasets KID against the held-out art and the copy share (image_quality.py): (log, line)."""
-    log = {
-        "val/loss": validation_loss(
-            M.model,
-            M.scheduler,
-            D.val_images,
-            D.ctx_table,
-            D.ctx_mask,
-            D.val_rows,
-            2 * C.batch_size,
-            sysinfo.autocast,
-            C.min_snr_gamma,
-        )
-    }
-    train_loss = loss_ema or float("nan")
-    line = f"step {step}: val loss {log['val/loss']:.4f}, train loss {train_loss:.4f}, lr {lr_now:.2e}, "
-    line += f"{imgs_per_s:.0f} img/s"
-    if D.judge_prompts is not None:
-        w = C.sample_guidance
-        adh = shapes.sample_adherence(
-            M.ema,
-            M.scheduler,
-            D.judge_prompts,
-            *D.judge_ctx,
-            (0.0, w),
-            C.sample_steps,
-            C.seed,
-            sysinfo.autocast,
-            eta=C.sample_eta,
-            guidance_t_min=C.sample_guidance_t_min,
-        )
-        for scale, splits in adh.items():
-            for split, attrs in splits.items():
-                log.update({f"adherence/w{scale:g}/{split}/{a}": v for a, v in attrs.items()})
-        line += f" | adherence seen (w=0 -> w={w:g}): " + " ".join(
-            f"{a} {adh[0.0]['seen'][a]:.2f}->{adh[w]['seen'][a]:.2f}" for a in ("color", "shape", "position", "size")
-        )
-        line += " | held-out color {:.2f}->{:.2f}".format(adh[0.0]["held_out"]["color"], adh[w]["held_out"]["color"])
-    if D.real_art is not None:  # one EMA sample per held-out caption, judged against the held-out art
-        t0 = time.time()
-        r = D.val_rows.to(D.ctx_table.device)
-        with sysinfo.autocast:
-            images = sample(
-                M.ema,
-                M.scheduler,
-                (D.ctx_table[r], D.ctx_mask[r]),
-                (D.ctx_table[:1], D.ctx_mask[:1]),
-                guidance_scale=C.sample_guidance,
-                sampler="ddim",
-                steps=C.sample_steps,
-                eta=C.sample_eta,
-                generator=[torch.Generator().manual_seed(C.seed * 100003 + i) for i in range(len(r))],
-                guidance_t_min=C.sample_guidance_t_min,
-            )  # per-image noise, as benchmarks.quality draws it
-        log.update({f"quality/{k}": v for k, v in D.real_art.score(images).items()})
-        log["quality/seconds"] = time.time() - t0
-        line += " | KID {:.2f} +- {:.2f}, copies {:.2f}".format(
-            log["quality/kid"], log["quality/kid_std"], log["quality/copy_share"]
-        )
-    return log, line
-
-
-def run_banner(C, D, M, run_dir, sysinfo):
-    """The one line that says what this run trains, on what, where."""
-    n_params = sum(p.numel() for p in M.model.parameters())
-    parts = [
-        f"run {run_dir}",
-        f"{D.name}: {len(D.train_images)} train / {len(D.val_images)} val images at {C.image_size}px",
-        f"text {C.text_encoder} ({D.context_dim}-d, {len(D.ctx_table)} distinct captions)",
-        f"U-Net {n_params / 1e6:.1f}M params, predicts {C.prediction_type}",
-        str(sysinfo.device),
-    ]
-    if sysinfo.ddp:
-        parts.append(f"distributed: {sysinfo.world} ranks, global batch {C.batch_size * sysinfo.world}")
-    return " | ".join(parts)
-
-
-def write_log(run_dir, step, metrics):
-    """Append one JSON line to the run's log.jsonl: the same numbers as W&B, readable offline."""
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def start_wandb(C, run_dir, wandb_id):
-    """W&B is imported only when enabled. auto: online when logged in, else offline (a local run
-    in the run folder that `wandb sync` uploads later)."""
-    mode = C.wandb_mode
-    if mode == "disabled":
-        return None
-    if mode == "auto":
-        logged_in = bool(os.environ.get("WANDB_API_KEY"))
-        if not logged_in:
-            import netrc
-
-            with contextlib.suppress(Exception):
-                logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
-        mode = "online" if logged_in else "offline"
-    import wandb
-
-    return wandb.init(
-        project=C.wandb_project,
-        name=os.path.basename(run_dir),
-        dir=run_dir,
-        config=vars(C),
-        mode=mode,
-        id=wandb_id,
-        resume="allow" if wandb_id else None,
-    )
 
 
 # -----------------------------------------------------------------------------
@@ -951,25 +480,7 @@ def train(C, sysinfo, stop, ckpt, run_dir):
             if wandb_run:
                 wandb_run.log(log, step=step)
         if master and ((step % C.sample_interval == 0 and step > 0) or last) and not stopping:
-            with sysinfo.autocast:
-                grid = sample(
-                    ema,
-                    M.scheduler,
-                    D.sample_cond,
-                    D.sample_uncond,
-                    guidance_scale=C.sample_guidance,
-                    sampler="ddim",
-                    steps=C.sample_steps,
-                    eta=C.sample_eta,
-                    generator=C.seed,
-                    guidance_t_min=C.sample_guidance_t_min,
-                )
-            grid_path = os.path.join(run_dir, f"samples_{step:07d}.png")
-            save_grid(grid, grid_path)
-            if wandb_run:
-                import wandb
-
-                wandb_run.log({"samples": wandb.Image(grid_path, caption=" | ".join(D.sample_prompts))}, step=step)
+            save_samples(C, M, D, step, sysinfo, run_dir, wandb_run)
         if last or stopping:
             break
 

@@ -50,19 +50,16 @@ DEFAULTS = dict(max_steps=60, extra="", save_stats="", load_stats="", top=8)
 
 # train()'s direct calls that are setup or end-of-run work, as (file, function) of the profile.
 SETUP_AND_END = {
-    ("train_diffusion.py", "load_data"): "data set, text encoder and caption embeddings",
+    ("image_data.py", "load_data"): "data set, text encoder and caption embeddings",
     ("train_diffusion.py", "build_training"): "model construction (UNet x2, AdamW, NoiseScheduler)",
-    ("train_diffusion.py", "start_wandb"): "W&B",
-    ("train_diffusion.py", "evaluate"): "evaluation (validation loss, shapes adherence)",
-    ("train_diffusion.py", "checkpoint_state"): "checkpoint (state dicts)",
+    ("evaluation.py", "start_wandb"): "W&B",
+    ("evaluation.py", "evaluate"): "evaluation (validation loss, shapes adherence)",
+    ("checkpoints.py", "checkpoint_state"): "checkpoint (state dicts)",
     ("checkpoints.py", "save_checkpoint"): "checkpoint (written atomically)",
-    ("train_diffusion.py", "write_log"): "evaluation",
+    ("evaluation.py", "write_log"): "evaluation",
     ("module.py", "parameters"): "model construction",
     ("module.py", "train"): "model construction",
-    # sample is a @torch.no_grad() function: train calls it through no_grad's wrapper
-    ("_contextlib.py", "decorate_context"): "samples (sample)",
-    ("diffusion_model.py", "sample"): "samples",
-    ("image_data.py", "save_grid"): "samples",
+    ("evaluation.py", "save_samples"): "samples",
     ("asyncio.py", "__init__"): "progress bar (tqdm)",
     ("std.py", "write"): "progress bar (tqdm.write of the evaluation lines)",
     ("std.py", "close"): "progress bar (tqdm)",

@@ -18,7 +18,9 @@ import time
 import pytest
 import torch
 
+import checkpoints
 import configurator
+import distributed
 import sample_diffusion as sd
 import train_diffusion as td
 
@@ -436,13 +438,13 @@ def test_a_second_process_cannot_write_a_run_in_use(root, tiny, tmp_path):
     err = open(tmp_path / "first.err").read()
     assert first.returncode == 128 + signal.SIGTERM and "Traceback" not in err, (first.returncode, err[-3000:])
     assert not os.path.exists(lock), "the lock outlived its run"
-    assert td.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["step"] >= 2
+    assert checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["step"] >= 2
 
 
 def dead_pid():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
-    assert not td.pid_alive(p.pid)
+    assert not checkpoints.pid_alive(p.pid)
     return p.pid
 
 
@@ -454,12 +456,12 @@ def test_a_stale_lock_on_this_host_is_taken_over_with_a_warning(capsys, tmp_path
     lock = tmp_path / "run.lock"
     lock.write_text(f"{pid} {socket.gethostname()}\n")
     capsys.readouterr()
-    path = td.lock_run(str(tmp_path))
+    path = checkpoints.lock_run(str(tmp_path))
     err = capsys.readouterr().err
     assert path == str(lock)
     assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
     assert f"locked by process {pid}, which is gone: taking the run over" in err and err.startswith("warning:"), err
-    td.release_lock(path)
+    checkpoints.release_lock(path)
     assert os.listdir(tmp_path) == []  # neither the lock nor the takeover's guard is left
 
 
@@ -468,11 +470,11 @@ def assert_lock_refused(tmp_path, holder, host, expected):
     lock = tmp_path / "run.lock"
     lock.write_text(f"{holder} {host}\n")
     with pytest.raises(configurator.UserError) as e:
-        td.lock_run(str(tmp_path))
+        checkpoints.lock_run(str(tmp_path))
     msg = str(e.value)
     assert "\n" not in msg and expected in msg, msg
     assert lock.read_text() == f"{holder} {host}\n"  # not taken, not removed
-    td.release_lock(str(lock))  # another process's lock: release_lock leaves it
+    checkpoints.release_lock(str(lock))  # another process's lock: release_lock leaves it
     assert lock.exists()
 
 
@@ -505,14 +507,15 @@ def test_a_lock_from_another_host_names_the_file_to_delete_after_checking_that_h
 
 
 def test_the_lock_takes_no_posix_only_module_and_probes_liveness_without_os_kill_on_windows(monkeypatch):
-    """train_diffusion starts on Windows: no fcntl, and pid_alive does not call os.kill there, where it
-    would end the process it asks about."""
+    """train_diffusion starts on Windows: no fcntl in it or the modules that hold its run lock and
+    processes, and pid_alive does not call os.kill there, where it would end the process it asks about."""
     import ast
     import inspect
 
     imported = {
         a.name.split(".")[0]
-        for n in ast.walk(ast.parse(inspect.getsource(td)))
+        for module in (td, checkpoints, distributed)
+        for n in ast.walk(ast.parse(inspect.getsource(module)))
         if isinstance(n, (ast.Import, ast.ImportFrom))
         for a in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])
     }
@@ -520,7 +523,7 @@ def test_the_lock_takes_no_posix_only_module_and_probes_liveness_without_os_kill
     monkeypatch.setattr(os, "name", "nt")
     monkeypatch.setattr(os, "kill", lambda *a: pytest.fail("os.kill on Windows ends the process"))
     with pytest.raises((AttributeError, OSError)):  # no kernel32 here: it got as far as asking Windows
-        td.pid_alive(os.getpid())
+        checkpoints.pid_alive(os.getpid())
 
 
 def test_two_run_folders_in_the_same_second_are_two_folders(tmp_path, monkeypatch):
@@ -531,8 +534,8 @@ def test_two_run_folders_in_the_same_second_are_two_folders(tmp_path, monkeypatc
         def now(cls, tz=None):
             return cls(2024, 1, 2, 3, 4, 5)
 
-    monkeypatch.setattr(td, "datetime", FrozenClock)
-    made = [td.new_run_dir(str(tmp_path / "out"), "shapes") for _ in range(3)]
+    monkeypatch.setattr(checkpoints, "datetime", FrozenClock)
+    made = [checkpoints.new_run_dir(str(tmp_path / "out"), "shapes") for _ in range(3)]
     assert len(set(made)) == 3 and all(os.path.isdir(p) for p in made), made
     assert os.path.basename(made[0]) == "20240102-030405-shapes"
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.path.basename(p) for p in made)
@@ -587,7 +590,7 @@ def test_the_grid_holds_at_most_grid_max_images(tiny_checkpoint, tmp_path, monke
 
     monkeypatch.setattr(sd, "GRID_MAX", 3)
     files = sample_into(tiny_checkpoint, tmp_path / "g", "--batch_size=2")
-    size = td.load_checkpoint(os.path.join(tiny_checkpoint, "ckpt.pt"))["model_args"]["image_size"]
+    size = checkpoints.load_checkpoint(os.path.join(tiny_checkpoint, "ckpt.pt"))["model_args"]["image_size"]
     for suffix in ("", "_cfg"):
         with Image.open(tmp_path / "g" / f"{sd.NAME}{suffix}.png") as grid:
             assert grid.size == (3 * size + 4 * 2, size + 2 * 2), grid.size  # 3 images in one row, padding 2
@@ -629,10 +632,10 @@ def test_apples_gpu_trains_the_cpu_recipe_in_fp32_in_one_process(monkeypatch, ca
     recipe = configurator.read_config_file(td.CPU_RECIPE, td.DEFAULTS)
     assert C.patch_size == recipe["patch_size"] and C.batch_size == recipe["batch_size"]
     assert "no CUDA GPU and no config file: training the CPU recipe" in capsys.readouterr().err
-    sysinfo = td.setup_device(C)
+    sysinfo = distributed.setup_device(C)
     assert sysinfo.device == torch.device("mps") and not sysinfo.ddp
     assert not isinstance(sysinfo.autocast, torch.autocast)  # fp32
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(configurator.UserError, match="torchrun with --device=mps"):
-        td.setup_device(C)
+        distributed.setup_device(C)

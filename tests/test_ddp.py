@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoints
+import distributed
 import train_diffusion as td
 
 
@@ -123,8 +124,8 @@ def _replicas(sysinfo, perturb):
         if perturb == "swap" and sysinfo.rank == 1:  # the same sum, other positions
             model.weight[0, 0], model.weight[1, 1] = model.weight[1, 1].item(), model.weight[0, 0].item()
     try:
-        td.check_replicas_identical(sysinfo, model)
-    except td.ReplicasDiverged:
+        distributed.check_replicas_identical(sysinfo, model)
+    except distributed.ReplicasDiverged:
         return "diverged"
     return "identical"
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import image_data
 import text_encoders
 import train_diffusion as td
 
@@ -54,7 +55,7 @@ def recorded_run(train_in_process, argv, monkeypatch, force_flips=False):
 
 def batch_images(rec, step):
     """The images of training step `step` as the loop reads them: global_batch_indices of the step."""
-    idx = td.global_batch_indices(step, len(rec.D.train_images), rec.C.batch_size, rec.C.seed)
+    idx = image_data.global_batch_indices(step, len(rec.D.train_images), rec.C.batch_size, rec.C.seed)
     return rec.D.train_images[idx].float() / 127.5 - 1, rec.D.train_rows[idx]
 
 

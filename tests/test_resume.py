@@ -11,6 +11,8 @@ import torch
 
 import checkpoints
 import configurator
+import distributed
+import evaluation
 import image_data
 import train_diffusion as td
 
@@ -96,15 +98,15 @@ class Killed(BaseException):
     """The scheduler's SIGKILL after its grace period, simulated: nothing catches it."""
 
 
-@pytest.mark.parametrize("busy", ["evaluate", "save_grid"])
+@pytest.mark.parametrize("where, busy", [(td, "evaluate"), (evaluation, "save_grid")], ids=["evaluate", "save_grid"])
 def test_a_stop_signal_on_an_evaluation_step_saves_before_evaluating(
-    tiny, train_in_process, tmp_path, monkeypatch, busy
+    tiny, train_in_process, tmp_path, monkeypatch, where, busy
 ):
     """The signal lands on step 6, an evaluation and sample-grid step: the checkpoint of step 6 is
     written before any evaluation or grid, so a kill that comes while one runs loses nothing."""
     sent = stop_at(monkeypatch, 6)
-    real = getattr(td, busy)
-    monkeypatch.setattr(td, busy, lambda *a, **k: (_ for _ in ()).throw(Killed()) if sent else real(*a, **k))
+    real = getattr(where, busy)
+    monkeypatch.setattr(where, busy, lambda *a, **k: (_ for _ in ()).throw(Killed()) if sent else real(*a, **k))
     with pytest.raises((SystemExit, Killed)):
         train_in_process(tiny + ["--max_steps=20", "--eval_interval=3", "--sample_interval=3", f"--out_dir={tmp_path}"])
     (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
@@ -278,13 +280,13 @@ def test_ctrl_c_while_loading_data_exits_cleanly_and_leaves_nothing(
 def _auto_and_rng(sysinfo):
     rank = sysinfo.rank
     # the `auto` decision: every rank takes rank 0's answer, whatever it would have found itself
-    decided = td.from_rank0(sysinfo, "hub answers" if rank == 0 else "hub silent")
+    decided = distributed.from_rank0(sysinfo, "hub answers" if rank == 0 else "hub silent")
     # RNG: each rank saves its own state and gets it back, not rank 0's
     torch.manual_seed(100 + rank)
-    states = td.gather_rng(sysinfo, torch.get_rng_state())
+    states = distributed.gather_rng(sysinfo, torch.get_rng_state())
     expected = torch.rand(3)  # what this rank draws next
     torch.manual_seed(999)
-    td.restore_rng({"torch": states, "cuda": []}, sysinfo)
+    distributed.restore_rng({"torch": states, "cuda": []}, sysinfo)
     return decided, torch.equal(torch.rand(3), expected), len(states)
 
 

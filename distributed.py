@@ -1,0 +1,131 @@
+"""
+Devices and processes: the device and autocast a run trains with, and what the ranks of a torchrun
+job share (rank 0's decisions, stop requests, losses, RNG states, a check that the replicas agree).
+Without torchrun every helper is the one-process case. Also the stop signals (Ctrl-C, SIGTERM).
+"""
+
+import contextlib
+import os
+import signal
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from configurator import UserError, pick_device
+
+
+def setup_device(C):
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    kind = pick_device(C.device).type
+    use_cuda = kind == "cuda"
+    rank, world, local_rank = 0, 1, 0
+    if ddp:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if kind == "mps":
+            raise UserError(
+                "torchrun with --device=mps: torch.distributed does not run on Apple's GPU; train in one process"
+            )
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    dev = torch.device(f"cuda:{local_rank}" if use_cuda else kind)
+    if use_cuda:
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # bf16 autocast on CUDA; plain fp32 on the CPU, where bf16 is slow on most processors, and on Apple's GPU
+    # (mps), whose autocast and bf16 support depend on the macOS and torch versions
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, device=dev, autocast=autocast, master=rank == 0)
+
+
+def from_rank0(sysinfo, value):
+    """Rank 0's value on every rank (e.g. whether the Hub answered), so that all ranks decide alike."""
+    if not sysinfo.ddp:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(sysinfo, flag):
+    """True if `flag` (a bool tensor) is true on any rank."""
+    if sysinfo.ddp:
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def all_mean(sysinfo, x):
+    """The mean of a scalar tensor over ranks, as a float (the loss of the global batch)."""
+    x = x.float().clone()
+    dist.all_reduce(x)
+    return x.item() / sysinfo.world
+
+
+def stop_requested(sysinfo, local_signal, step, every):
+    """Under torchrun every rank must stop at the same step, so the flag is all-reduced, and only
+    every `every` steps: the all-reduce waits for the GPU, which must not happen every step."""
+    if not sysinfo.ddp:
+        return bool(local_signal)
+    if step % every:
+        return False
+    flag = torch.tensor([1 if local_signal else 0], device=sysinfo.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def gather_rng(sysinfo, state):
+    """Every rank's RNG state (dropout draws from it), so a resumed DDP run continues each rank's."""
+    if not sysinfo.ddp:
+        return [state]
+    states = [None] * sysinfo.world
+    dist.all_gather_object(states, state.cpu())
+    return states
+
+
+def restore_rng(rng, sysinfo):
+    """Each rank continues its own random streams: rank r takes entry r (a checkpoint written by
+    fewer ranks gives the extra ranks entry 0)."""
+    mine = lambda states: states[sysinfo.rank] if sysinfo.rank < len(states) else states[0]
+    torch.set_rng_state(mine(rng["torch"]))
+    if sysinfo.device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state(mine(rng["cuda"]), sysinfo.device)
+
+
+class ReplicasDiverged(RuntimeError):
+    """The DDP ranks hold different weights: a bug, not the user's input (a traceback, not one line)."""
+
+
+def check_replicas_identical(sysinfo, model):
+    """Every rank compares a checksum of its weights (their sum and a position-weighted sum, so that
+    swapped entries count too) with rank 0's; all ranks raise ReplicasDiverged if any differs."""
+    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
+    position_weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype).sin()
+    mine = torch.stack([flat.sum(), (flat * position_weights).sum()])
+    rank0s = mine.clone()
+    dist.broadcast(rank0s, src=0)
+    all_same = torch.tensor([int(torch.equal(mine, rank0s))], device=mine.device)
+    dist.all_reduce(all_same, op=dist.ReduceOp.MIN)  # 0 if any rank differs
+    if not bool(all_same):
+        raise ReplicasDiverged("DDP replicas diverged: the ranks hold different weights")
+    if sysinfo.master:
+        print(f"all {sysinfo.world} ranks hold identical weights")
+
+
+def install_stop_handlers():
+    """Returns the flag the loop reads; `stop.restore()` puts the previous handlers back."""
+    stop = SimpleNamespace(signal=0, training=False)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop.restore = lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+    def handler(signum, frame):
+        if not stop.training:  # loading data or the encoder: nothing to save yet, nothing was written
+            print(f"stopped by signal {signum} before training started; nothing was written", file=sys.stderr)
+            raise SystemExit(128 + signum)
+        stop.signal = signum
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
