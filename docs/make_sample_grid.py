@@ -30,6 +30,7 @@ def main():
     parser.add_argument("run")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--out", default="")
+    parser.add_argument("--scale", type=int, default=1, help="enlarge the figure this many times (nearest neighbour)")
     args = parser.parse_args()
     from torchvision.io import read_image
 
@@ -66,6 +67,11 @@ def main():
     rows.append(held.float() / 127.5 - 1)
     out = args.out or os.path.join(args.run, "grid_over_training.png")
     save_grid(torch.cat(rows), out)
+    if args.scale > 1:
+        from PIL import Image
+
+        with Image.open(out) as img:
+            img.resize((img.width * args.scale, img.height * args.scale), Image.NEAREST).save(out)
     print(f"wrote {out}; columns are these held-out captions:")
     for c in captions:
         print(f"- {c}")
