@@ -208,7 +208,7 @@ def render(color, shape, size, position, image_size=32, dx=0.0, dy=0.0, scale=1.
     return np.array(small)  # a writable copy, so torch.from_numpy is happy
 
 
-def make_shapes_dataset(n, image_size=32, seed=0, held_out=False, captions="six"):
+def make_shapes_dataset(n, image_size=32, seed=0, held_out=False, captions="varied"):
     """Generate `n` captioned images.
 
     captions="six": one of the six PHRASINGS per image, whose words are the attribute names
