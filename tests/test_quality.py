@@ -179,11 +179,11 @@ def _tiny_folder(path, n=24):
     return path
 
 
-@needs_metric
-def test_image_datasets_log_kid_and_copies_at_each_evaluation(tiny, tmp_path, train_in_process, read_log, one_thread):
+def _train_on_tiny_folder(tiny, tmp_path, train_in_process):
+    """Two steps of the tiny run on a 24-image folder (6 held out), evaluating at every step."""
     folder = _tiny_folder(tmp_path / "data")
     args = [a for a in tiny if not a.startswith(("--dataset", "--batch_size"))]
-    run_dir = train_in_process(
+    return train_in_process(
         args
         + [
             f"--dataset={folder}",
@@ -194,6 +194,11 @@ def test_image_datasets_log_kid_and_copies_at_each_evaluation(tiny, tmp_path, tr
             f"--out_dir={tmp_path / 'out'}",
         ]
     )
+
+
+@needs_metric
+def test_image_datasets_log_kid_and_copies_at_each_evaluation(tiny, tmp_path, train_in_process, read_log, one_thread):
+    run_dir = _train_on_tiny_folder(tiny, tmp_path, train_in_process)
     evals = [r for r in read_log(run_dir) if "val/loss" in r]
     assert [r["step"] for r in evals] == [0, 1, 2]
     for r in evals:
@@ -204,18 +209,6 @@ def test_training_without_the_metric_says_so_once(
     tiny, tmp_path, train_in_process, read_log, one_thread, monkeypatch, capsys
 ):
     monkeypatch.setattr(iq, "available", lambda: False)
-    folder = _tiny_folder(tmp_path / "data")
-    args = [a for a in tiny if not a.startswith(("--dataset", "--batch_size"))]
-    run_dir = train_in_process(
-        args
-        + [
-            f"--dataset={folder}",
-            "--batch_size=4",
-            "--max_steps=2",
-            "--eval_interval=1",
-            "--val_fraction=0.25",
-            f"--out_dir={tmp_path / 'out'}",
-        ]
-    )
+    run_dir = _train_on_tiny_folder(tiny, tmp_path, train_in_process)
     assert capsys.readouterr().err.count("real-image evaluation is off") == 1
     assert not any(k.startswith("quality/") for r in read_log(run_dir) for k in r)
