@@ -12,6 +12,7 @@ import time
 
 import torch
 
+import image_quality
 import shapes
 from diffusion_model import diffusion_loss, sample
 from image_data import save_grid
@@ -99,9 +100,9 @@ def evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s):
                 sampler="ddim",
                 steps=C.sample_steps,
                 eta=C.sample_eta,
-                generator=[torch.Generator().manual_seed(C.seed * 100003 + i) for i in range(len(r))],
+                generator=image_quality.sample_generators(C.seed, len(r)),
                 guidance_t_min=C.sample_guidance_t_min,
-            )  # per-image noise, as benchmarks.quality draws it
+            )
         log.update({f"quality/{k}": v for k, v in D.real_art.score(images).items()})
         log["quality/seconds"] = time.time() - t0
         line += " | KID {:.2f} +- {:.2f}, copies {:.2f}".format(
@@ -115,8 +116,6 @@ def load_real_art(C, D, sysinfo):
     and the training art, computed once. Without the metric's packages training goes on without it."""
     if C.dataset == "shapes" or not sysinfo.master:
         return None
-    import image_quality
-
     if not image_quality.available():
         print(
             f"real-image evaluation is off (KID, copy check): {image_quality.INSTALL_HINT} to turn it on",

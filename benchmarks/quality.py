@@ -137,9 +137,7 @@ def judge_checkpoint(C, fe, device):
         sampler="ddim",
         steps=C.steps,
         eta=C.eta,
-        generator=[
-            torch.Generator().manual_seed(C.sample_seed * 100003 + i) for i in range(len(cap_held))
-        ],  # as in training
+        generator=iq.sample_generators(C.sample_seed, len(cap_held)),
         guidance_t_min=C.guidance_t_min,
     )
     seconds = time.time() - t0
