@@ -238,7 +238,7 @@ def load_data(C, sysinfo):
     dev = sysinfo.device
     D = SimpleNamespace(
         name=name,
-        flip_ok=flip_ok,
+        flip_ok=flip_ok and C.flips,
         context_dim=encoder.dim,
         ctx_table=ctx_table.to(dev),
         ctx_mask=ctx_mask.to(dev),

@@ -103,6 +103,7 @@ weight_decay = 0.0
 min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0: the plain loss
 grad_clip = 1.0
 p_uncond = 0.1  # share of captions replaced by the empty caption, for classifier-free guidance
+flips = True  # random horizontal flips, except on datasets whose captions say left or right
 ema_decay = 0.999  # EMA of the weights, warmed up as min(ema_decay, (1 + k) / (10 + k))
 # evaluation, samples, checkpoints, logging
 eval_interval = 500  # validation loss (and shapes adherence) every this many steps

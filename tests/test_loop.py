@@ -168,3 +168,19 @@ def test_lr_schedule_against_its_formulas():
     for s in (600, 1100, 1600, 2099):
         assert td.lr_at(s, C) == pytest.approx(cosine(s, 2100))
     assert td.lr_at(1100, C) == pytest.approx((C.lr + C.min_lr) / 2)
+
+
+@pytest.mark.parametrize("flips", [True, False])
+def test_flips_setting_turns_off_mirroring_where_captions_allow_it(tiny, tmp_path, flips):
+    from PIL import Image
+
+    (tmp_path / "art").mkdir()
+    rows = []
+    for i in range(8):  # captions that name no side: flips_allowed says yes
+        Image.new("RGB", (20, 20), (30 * i, 100, 200)).save(tmp_path / "art" / f"{i}.png")
+        rows.append(f'{{"file_name": "{i}.png", "text": "a blue square number {i}"}}')
+    (tmp_path / "art" / "metadata.jsonl").write_text("\n".join(rows))
+    args = [a for a in tiny if not a.startswith(("--dataset", "--batch_size"))]
+    C, _ = td.configure(args + [f"--dataset={tmp_path / 'art'}", "--batch_size=2", f"--flips={flips}"])
+    sysinfo = SimpleNamespace(device=torch.device("cpu"), master=True, world=1)
+    assert image_data.load_data(C, sysinfo).flip_ok is flips
