@@ -103,14 +103,15 @@ def check_imagefolder(path, caption_column):
 
 
 def load_image_dataset(C):
-    """Returns (images uint8 (N, 3, S, S), captions, name, flip_ok) for the dataset that config C names."""
+    """Returns (images uint8 (N, 3, S, S), captions, name, mirrorable (N,) bool) for the dataset that config C names."""
     if C.dataset == "shapes":
         import shapes
 
         images, captions, _ = shapes.make_shapes_dataset(
             C.shapes_num_images, C.image_size, seed=C.seed, captions=C.shapes_captions
         )
-        return images, captions, "shapes", False  # captions say left and right: never flip
+        # positions name sides (top left, ...); the centered ones stay unflipped too, as every shapes result was trained
+        return images, captions, "shapes", torch.zeros(len(captions), dtype=torch.bool)
     import datasets
 
     name = POKEMON_ID if C.dataset == "pokemon" else C.dataset
@@ -179,7 +180,7 @@ def load_image_dataset(C):
             "the unconditional model",
             file=sys.stderr,
         )
-    return torch.stack(images), captions, name, flips_allowed(captions)
+    return torch.stack(images), captions, name, mirrorable(captions)
 
 
 def split_indices(n, seed, val_fraction, eval_images):
@@ -203,11 +204,21 @@ def load_art(folder, image_size, seed, val_fraction, eval_images):
     return images[train_idx], pick(train_idx), images[val_idx], pick(val_idx)
 
 
-def flips_allowed(captions):
-    """Pokémon art and most captioned photos read the same mirrored; captions that speak of left
-    and right do not. Whole words only: "bright", "copyright" and "upright" name no side."""
-    side = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-    return not any(side.search(c) for c in captions)
+# "left"/"right" as a side: after "the", a corner word or a possessive ("on the left", "top-left",
+# "its right arm"), before "side", "hand", "half", "corner" or a colon ("Right: a dog"). Not the verb or
+# the adverb of Pokédex prose ("nothing left but scraps", "just left its nest", "right after takeoff").
+SIDE = re.compile(
+    r"\b(?:the|top|bottom|upper|lower|far|its|his|her|their|your|my)[\s-]+(?:left|right)\b"
+    r"|\b(?:left|right)(?:[\s-]*(?:side|hand|handed|half|corner)\b|\s*:)",
+    re.IGNORECASE,
+)
+
+
+def mirrorable(captions):
+    """(N,) bool: which images a horizontal flip leaves true to their caption. Pokémon art and most
+    captioned photos read the same mirrored; a caption that names a side does not (Clawitzer's
+    "Its right arm is packed with meat"), so only that image is never flipped."""
+    return torch.tensor([SIDE.search(c) is None for c in captions], dtype=torch.bool)
 
 
 def save_grid(images, path, nrow=8):
@@ -223,7 +234,7 @@ def save_grid(images, path, nrow=8):
 
 def load_data(C, sysinfo):
     """Images, the caption table and the fixed prompts for sample grids and the judge."""
-    images, captions, name, flip_ok = load_image_dataset(C)
+    images, captions, name, can_flip = load_image_dataset(C)
     encoder = TextEncoder(C.text_encoder, sysinfo.device)
     n_cut = encoder.count_truncated(captions)
     if sysinfo.master and n_cut:
@@ -238,12 +249,12 @@ def load_data(C, sysinfo):
     dev = sysinfo.device
     D = SimpleNamespace(
         name=name,
-        flip_ok=flip_ok and C.flips,
         context_dim=encoder.dim,
         ctx_table=ctx_table.to(dev),
         ctx_mask=ctx_mask.to(dev),
         train_images=images[train_idx].to(dev),
         train_rows=rows[train_idx].to(dev),  # small datasets live on the device as uint8
+        train_can_flip=(can_flip[train_idx] & C.flips).to(dev),  # (N,) which images random flips may mirror
         val_images=images[val_idx],
         val_rows=rows[val_idx],
         judge_prompts=None,

@@ -103,7 +103,7 @@ weight_decay = 0.0
 min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0: the plain loss
 grad_clip = 1.0
 p_uncond = 0.1  # share of captions replaced by the empty caption, for classifier-free guidance
-flips = True  # random horizontal flips, except on datasets whose captions say left or right
+flips = True  # random horizontal flips, of the images whose caption names no side (image_data.mirrorable)
 ema_decay = 0.999  # EMA of the weights, warmed up as min(ema_decay, (1 + k) / (10 + k))
 # evaluation, samples, checkpoints, logging
 eval_interval = 500  # validation loss (and shapes adherence) every this many steps
@@ -498,8 +498,7 @@ def train(C, sysinfo, stop, ckpt, run_dir):
         mine = slice(sysinfo.rank * B, (sysinfo.rank + 1) * B)
         idx = global_batch_indices(step, len(D.train_images), G, C.seed)[mine].to(dev)
         x0 = D.train_images[idx].float() / 127.5 - 1  # (B, 3, S, S) in [-1, 1]
-        if D.flip_ok:
-            x0 = torch.where(flip[mine, None, None, None], x0.flip(3), x0)
+        x0 = torch.where((flip[mine] & D.train_can_flip[idx])[:, None, None, None], x0.flip(3), x0)
         r = torch.where(drop[mine], 0, D.train_rows[idx])  # caption dropout: row 0 is the empty caption
         with sysinfo.autocast:
             loss = diffusion_loss(

@@ -25,7 +25,7 @@ def recorded_run(train_in_process, argv, monkeypatch, force_flips=False):
 
     def load(C, sysinfo):
         rec.D = load_data(C, sysinfo)
-        rec.D.flip_ok = rec.D.flip_ok or force_flips
+        rec.D.train_can_flip |= force_flips
         return rec.D
 
     def build(C, D, ckpt, sysinfo):
@@ -125,7 +125,7 @@ def test_flips_mirror_the_width_axis_and_never_when_captions_name_sides(recorded
     if forced:
         assert_binomial(flipped, n, 0.5, "flips")
     else:
-        assert flipped == 0  # shapes' captions say left and right (image_data.flips_allowed)
+        assert flipped == 0  # shapes' captions name sides: never flipped
 
 
 def test_evaluation_leaves_trainings_random_streams_alone(tiny, train_in_process, read_log, tmp_path):
@@ -176,11 +176,12 @@ def test_flips_setting_turns_off_mirroring_where_captions_allow_it(tiny, tmp_pat
 
     (tmp_path / "art").mkdir()
     rows = []
-    for i in range(8):  # captions that name no side: flips_allowed says yes
+    for i in range(8):  # captions that name no side: image_data.mirrorable says yes
         Image.new("RGB", (20, 20), (30 * i, 100, 200)).save(tmp_path / "art" / f"{i}.png")
         rows.append(f'{{"file_name": "{i}.png", "text": "a blue square number {i}"}}')
     (tmp_path / "art" / "metadata.jsonl").write_text("\n".join(rows))
     args = [a for a in tiny if not a.startswith(("--dataset", "--batch_size"))]
     C, _ = td.configure(args + [f"--dataset={tmp_path / 'art'}", "--batch_size=2", f"--flips={flips}"])
     sysinfo = SimpleNamespace(device=torch.device("cpu"), master=True, world=1)
-    assert image_data.load_data(C, sysinfo).flip_ok is flips
+    can_flip = image_data.load_data(C, sysinfo).train_can_flip
+    assert len(can_flip) > 0 and can_flip.tolist() == [flips] * len(can_flip)

@@ -238,17 +238,28 @@ def test_the_end_test_is_step_at_least_max_steps():
 
 
 @pytest.mark.parametrize(
-    "captions, allowed",
+    "caption, names_side",
     [
-        (["a bright yellow star", "copyright 1999", "an upright bottle", "rightly so"], True),
-        (["a cat on the left"], False),
-        (["Right: a dog"], False),
-        (["top-left corner"], False),
-        (["left-handed"], False),
+        ("a bright yellow star", False),  # whole words only
+        ("copyright 1999", False),
+        ("an upright bottle", False),
+        ("rightly so", False),
+        ("Scizor, ... until there's nothing left but scraps.", False),  # the verb and the adverb of Pokédex prose
+        ("Taillow is young, it has only just left its nest.", False),
+        ("Left to its own devices, it will constantly practice singing.", False),
+        ("Its speed right after takeoff", False),
+        ("a cat on the left", True),
+        ("Right: a dog", True),
+        ("top-left corner", True),
+        ("left-handed", True),
+        ("Its right arm is packed with meat.", True),
+        ("a dog to the right of a cat", True),
+        ("a small red circle in the upper left", True),
     ],
 )
-def test_flips_are_decided_by_whole_words(captions, allowed):
-    assert image_data.flips_allowed(captions) is allowed
+def test_only_images_whose_caption_names_a_side_are_never_flipped(caption, names_side):
+    can_flip = image_data.mirrorable(["a plain caption", caption])
+    assert can_flip.tolist() == [True, not names_side]
 
 
 def test_a_local_encoder_folder_is_stored_as_an_absolute_path(tmp_path, monkeypatch):

@@ -307,9 +307,9 @@ def test_resume_with_another_text_encoder_is_refused_in_one_line(
 
 
 def test_hub_rows_are_decoded_composited_on_white_resized_and_cropped(hub):
-    images, captions, name, flip_ok = image_data.load_image_dataset(hub_config())
+    images, captions, name, can_flip = image_data.load_image_dataset(hub_config())
     assert hub == [(image_data.POKEMON_ID, "train")]
-    assert name == image_data.POKEMON_ID and captions == CAPTIONS and flip_ok  # no caption names a side: flips allowed
+    assert name == image_data.POKEMON_ID and captions == CAPTIONS and can_flip.all()  # no caption names a side
     assert images.dtype == torch.uint8 and images.shape == (len(CAPTIONS), 3, PNG_SIZE, PNG_SIZE)
     px = images.permute(0, 2, 3, 1)  # (N, S, S, 3)
     rgba, pal, wide, half = px[0], px[1], px[2], px[3]
