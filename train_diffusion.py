@@ -158,6 +158,7 @@ RANGES = dict(
     min_snr_gamma="[0, 1e4]",
     grad_clip="(0, 1e6]",
     p_uncond="[0, 1)",
+    flips="bool",
     ema_decay="[0, 1)",
     eval_interval="[1, 1e9]",
     eval_images="[1, 100000]",
