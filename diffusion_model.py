@@ -16,14 +16,15 @@ The story, in the order the file tells it:
    velocity v (Salimans & Ho 2022), from which the clean image and the noise both follow.
 5. `NoiseScheduler`: the cosine schedule of Nichol & Dhariwal (2021), the forward process
    q(x_t | x_0), the posterior q(x_{t-1} | x_t, x_0), and the conversions between eps, v and x_0.
-6. Samplers: DDPM ancestral sampling (Algorithm 2 of Ho et al. 2020), classifier-free guidance
-   (Ho & Salimans 2022) and DDIM (Song et al. 2021).
+6. Samplers: a denoiser that applies classifier-free guidance (Ho & Salimans 2022), and over it
+   DDPM ancestral sampling (Algorithm 2 of Ho et al. 2020), DDIM (Song et al. 2021) and
+   DPM-Solver++(2M) (Lu et al. 2022), one short function each.
 
 Shapes use B = batch, C = channels, H, W = height and width, L = text tokens, D = text width.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -511,6 +512,59 @@ def diffusion_loss(model, scheduler, x0, context, mask, t=None, noise=None, min_
 
 # -----------------------------------------------------------------------------
 # 6. Samplers
+#
+# In the manner of k-diffusion: guidance is built once into a denoiser, (x_t, t) -> (x_0, eps), and
+# each sampler is one short function over it with one signature,
+#     sampler(denoise, scheduler, x, timesteps, noise, eta, callback) -> x_0,
+# where x is x_T, timesteps run from T-1 down, noise() draws fresh N(0, I) like x, and
+# callback(i, t, x_t, x0_pred) sees every step. `sample` puts the pieces together.
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How images are drawn, as one value that scripts build once and hand down.
+
+    sampler: "ddpm" (all T steps), "ddim" or "dpmpp_2m" (`steps` trailing steps).
+    eta: DDIM's noise, 0 deterministic .. 1 stochastic like DDPM; only DDIM reads it.
+    guidance_scale w and guidance_t_min: classifier-free guidance at noise levels t >= guidance_t_min."""
+
+    sampler: str = "ddpm"
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    guidance_t_min: int = 0
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}: use one of {', '.join(SAMPLERS)}")
+        if not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The sampler of a script's settings (an object with these fields among others)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+    def timesteps(self, num_timesteps):
+        """The noise levels visited, from T-1 down: all of them for DDPM, `steps` trailing ones otherwise."""
+        if self.sampler == "ddpm":
+            return list(range(num_timesteps - 1, -1, -1))
+        return ddim_timesteps(num_timesteps, self.steps)
+
+    def unused(self):
+        """The settings this sampler ignores, with what happens instead: {name: reason}."""
+        unused = {}
+        if self.sampler == "ddpm":
+            unused["steps"] = "ddpm always takes all T steps"
+        if self.sampler != "ddim":
+            unused["eta"] = (
+                f"{self.sampler} draws its own noise" if self.sampler == "ddpm" else "dpmpp_2m is deterministic"
+            )
+        if self.guidance_scale in (0.0, 1.0):
+            unused["guidance_t_min"] = f"guidance_scale {self.guidance_scale:g} guides no step"
+        return unused
 
 
 def guided_output(model, x, t, cond, uncond, guidance_scale):
@@ -524,6 +578,37 @@ def guided_output(model, x, t, cond, uncond, guidance_scale):
     return out_u + guidance_scale * (out_c - out_u)
 
 
+class Denoiser:
+    """D(x_t, t) -> (x0_pred, eps_pred) for the captions in `cond`: the U-Net's eps or v turned into
+    the clean image, clipped to [-1, 1] (the data's range), and the noise recomputed from the
+    clipped image, so that the two stay consistent with x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps.
+
+    Guidance lives here, not in the samplers: at t >= guidance_t_min the output is guided with
+    scale w (one forward of a doubled batch); below, the conditional model alone (one forward).
+    Guiding only an interval (Kynkaanniemi et al. 2024) keeps the nearly clean steps from bending
+    held-out color x shape pairs into seen ones. w = 0 is the unconditional model at every step."""
+
+    def __init__(self, model, scheduler, cond, uncond=None, guidance_scale=1.0, guidance_t_min=0):
+        B = cond[0].shape[0]
+        if guidance_scale != 1.0:
+            assert uncond is not None, "classifier-free guidance needs the unconditional (empty caption) context"
+            uncond = tuple(u.expand(B, *u.shape[1:]) for u in uncond)  # batch 1 or B -> B
+        self.model, self.scheduler, self.cond, self.uncond = model, scheduler, cond, uncond
+        self.w, self.t_min = guidance_scale, guidance_t_min
+
+    def __call__(self, x, t):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)  # (B,)
+        w = self.w if t >= self.t_min or self.w == 0.0 else 1.0
+        if w == 1.0:  # the guided formula reduces to one of its two terms: skip the other
+            out = self.model(x, tt, *self.cond)
+        elif w == 0.0:
+            out = self.model(x, tt, *self.uncond)
+        else:
+            out = guided_output(self.model, x, tt, self.cond, self.uncond, w)
+        x0 = self.scheduler.predict_x0_eps(x, tt, out.float())[0].clamp(-1, 1)
+        return x0, self.scheduler.predict_eps(x, tt, x0)
+
+
 def ddim_timesteps(num_timesteps, steps):
     """`steps` timesteps from T-1 down, evenly spaced and "trailing" (Lin et al. 2024, Table 2):
     the first step always starts from pure noise at t = T-1, which a cosine schedule with few
@@ -533,100 +618,125 @@ def ddim_timesteps(num_timesteps, steps):
     return [round(num_timesteps - i * num_timesteps / steps) - 1 for i in range(steps)]
 
 
-def ddim_step(scheduler, x_t, t, t_prev, x0, eta, noise):
-    """One DDIM update (Song et al. 2021, Eq. 12) from t to t_prev (t_prev = -1: to the clean image).
-    x0 is the (clipped) prediction; eps is recomputed from it so that eta = 1 over all T steps is
-    exactly DDPM's posterior step. Returns x_{t_prev}, its mean and its variance."""
+def ddim_step(scheduler, x_t, t, t_prev, x0, eps, eta, noise):
+    """One DDIM update (Song et al. 2021, Eq. 12) from t to t_prev (t_prev = -1: to the clean image),
+    given the predictions x0 and eps. With eta = 1 over all T steps it is exactly DDPM's posterior
+    step. Returns x_{t_prev}, its mean and its variance."""
     abar_t = scheduler.alphas_cumprod[t]  # float64 scalars: the arithmetic below keeps their digits
     abar_prev = scheduler.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(abar_t)
-    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    eps = scheduler.predict_eps(x_t, tt, x0)
     variance = eta**2 * (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)  # sigma_t^2
     mean = abar_prev.sqrt().to(x0.dtype) * x0 + (1 - abar_prev - variance).clamp(min=0).sqrt().to(x0.dtype) * eps
     return mean + variance.sqrt().to(x0.dtype) * noise, mean, variance.to(x0.dtype)
 
 
-def _generator(seed_or_generator):
-    if isinstance(seed_or_generator, torch.Generator):
-        return seed_or_generator
-    return torch.Generator().manual_seed(int(seed_or_generator))
+def sample_ddpm(denoise, scheduler, x, timesteps, noise, eta=None, callback=None):
+    """Ancestral sampling, Algorithm 2 of Ho et al. (2020): x_{t-1} ~ q(x_{t-1} | x_t, x0_pred),
+    the forward process's posterior with the predicted clean image (its variance beta~_t, Eq. 7)."""
+    assert list(timesteps) == list(range(len(timesteps) - 1, -1, -1)), "DDPM visits every timestep"
+    for i, t in enumerate(timesteps):
+        x0, _ = denoise(x, t)
+        if callback is not None:
+            callback(i, t, x, x0)
+        mean, variance = scheduler.q_posterior(x0, x, torch.full((x.shape[0],), t, device=x.device))
+        x = mean + variance.sqrt() * noise() if t > 0 else mean  # posterior_variance[0] = 0
+    return x
+
+
+def sample_ddim(denoise, scheduler, x, timesteps, noise, eta=0.0, callback=None):
+    """DDIM (Song et al. 2021, Eq. 12) over the given timesteps: eta = 0 follows the probability-flow
+    ODE deterministically, eta = 1 adds DDPM's amount of fresh noise at every step."""
+    for i, t in enumerate(timesteps):
+        x0, eps = denoise(x, t)
+        if callback is not None:
+            callback(i, t, x, x0)
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        x, _, _ = ddim_step(scheduler, x, t, t_prev, x0, eps, eta, noise() if eta > 0 else torch.zeros_like(x))
+    return x
+
+
+def sample_dpmpp_2m(denoise, scheduler, x, timesteps, noise, eta=None, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): the probability-flow ODE
+    solved for the data prediction in lambda = log(alpha / sigma), the half log-SNR, where
+    alpha = sqrt(abar) and sigma = sqrt(1 - abar). Each step from s to t (h = lambda_t - lambda_s)
+    is exact for a data prediction D that stays constant over the step:
+
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D,
+
+    with D the second-order multistep blend (1 + 1/(2r)) x0_s - 1/(2r) x0_prev, r = h_prev / h,
+    of this step's and the previous step's predictions. The first step has no previous one and the
+    last (to sigma = 0, lambda = inf) would divide by it: both are first order (D = x0_s), and the
+    last one lands on the prediction itself. Deterministic, one model evaluation a step."""
+    abar = scheduler.alphas_cumprod  # float64: lambda's differences need the digits
+    alpha = lambda t: abar[t].sqrt() if t >= 0 else torch.ones_like(abar[0])
+    sigma = lambda t: (1 - abar[t]).sqrt() if t >= 0 else torch.zeros_like(abar[0])
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(timesteps):
+        x0, _ = denoise(x, t)
+        if callback is not None:
+            callback(i, t, x, x0)
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        if t_next < 0:
+            return x0
+        h = torch.log(alpha(t_next) / sigma(t_next)) - torch.log(alpha(t) / sigma(t))
+        if x0_prev is None:
+            D = x0
+        else:
+            r = h_prev / h
+            D = (1 + 1 / (2 * r)).to(x.dtype) * x0 - (1 / (2 * r)).to(x.dtype) * x0_prev
+        x = (sigma(t_next) / sigma(t)).to(x.dtype) * x - (alpha(t_next) * torch.expm1(-h)).to(x.dtype) * D
+        x0_prev, h_prev = x0, h
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+
+
+def image_generators(seed, n, start=0):
+    """One noise stream per image: image i (counted from `start`) of a draw with `seed` gets its own
+    generator, so an image does not depend on the batch it is drawn in. torch's CPU generator keeps
+    only 32 bits of its seed, so (seed, i) is packed into 32 bits as seed * K + i with K odd (Knuth's
+    multiplicative hashing, K = 2^32 / golden ratio): the images of one draw never share a stream,
+    and two seeds' streams overlap only when seed * K lands within n of another's (mod 2^32): for
+    the seeds 0..4095 that takes a draw of more than 765,000 images."""
+    assert 0 <= seed and 0 <= start and start + n <= 2**32, (seed, start, n)
+    return [torch.Generator().manual_seed((seed * 0x9E3779B1 + i) % 2**32) for i in range(start, start + n)]
 
 
 @torch.no_grad()
 def sample(
-    model,
-    scheduler,
-    cond,
-    uncond=None,
-    guidance_scale=1.0,
-    sampler="ddpm",
-    steps=None,
-    eta=0.0,
-    generator=0,
-    callback=None,
-    progress=False,
-    guidance_t_min=0,
+    model, scheduler, cond, uncond=None, settings=SamplerConfig(), generator=0, callback=None, progress=False, **changes
 ):
-    """Draw one image per caption in `cond` = (context (B, L, D), mask (B, L)).
+    """Draw one image per caption in `cond` = (context (B, L, D), mask (B, L)) with the sampler that
+    `settings` (a SamplerConfig) names; keyword arguments change single fields of it
+    (`sample(..., sampler="ddim", steps=25)`).
 
-    sampler "ddpm": ancestral sampling over all T steps (Algorithm 2 of Ho et al. 2020) with the
-        posterior variance; sampler "ddim": `steps` trailing steps, eta = 0 deterministic,
-        eta = 1 stochastic like DDPM.
-    guidance_scale w: 1 = conditional only, 0 = unconditional only (one forward a step);
-        otherwise classifier-free guidance with the unconditional `uncond` (context and mask of
-        batch 1 or B), one forward of a doubled batch a step.
-    guidance_t_min: guidance only at noise levels t >= guidance_t_min; below, the conditional
-        prediction alone (w = 1, one forward). Guidance in a limited interval (Kynkäänniemi et al.
-        2024): on shapes, guiding the last, low-noise steps bends held-out color x shape pairs
-        toward seen ones. 0 guides every step.
-    generator: a seed, a CPU torch.Generator, or a list of B of them (one noise stream per image,
-        so that an image does not depend on the batch it is drawn in). All noise is drawn on the
-        CPU and then moved, so a seed gives the same images on every run (and device).
+    uncond: the unconditional (empty caption) context and mask, of batch 1 or B; needed when
+        settings.guidance_scale != 1.
+    generator: a seed, a CPU torch.Generator, or a list of B of them (`image_generators`: one noise
+        stream per image). All noise is drawn on the CPU and then moved, so a seed gives the same
+        images on every run and device.
     callback(i, t, x_t, x0_pred) is called at every step, e.g. to keep a trajectory.
-    Predicted x0 is clipped to [-1, 1] at every step. Returns x_0 in [-1, 1], (B, 3, H, W).
-    """
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
-    context, mask = cond
-    B = context.shape[0]
-    device = context.device
-    T = scheduler.num_timesteps
-    cfg = model.cfg
-    if guidance_scale != 1.0:
-        assert uncond is not None, "classifier-free guidance needs the unconditional (empty caption) context"
-        uncond = tuple(u.expand(B, *u.shape[1:]) for u in uncond)
+    Returns x_0 in [-1, 1], (B, 3, H, W)."""
+    S = replace(settings, **changes)
+    context, _ = cond
+    B, device, cfg = context.shape[0], context.device, model.cfg
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     if isinstance(generator, (list, tuple)):
         assert len(generator) == B, f"{len(generator)} generators for {B} images"
-        randn = lambda: torch.stack([torch.randn(shape, generator=g) for g in generator]).to(device)
+        noise = lambda: torch.stack([torch.randn(shape, generator=g) for g in generator]).to(device)
     else:
-        g = _generator(generator)
-        randn = lambda: torch.randn(B, *shape, generator=g).to(device)
+        g = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(int(generator))
+        noise = lambda: torch.randn(B, *shape, generator=g).to(device)
 
-    timesteps = (
-        list(range(T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(T, steps if steps is not None else 50)
-    )
-    x = randn()  # x_T ~ N(0, I)
-    for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False)):
-        tt = torch.full((B,), t, device=device, dtype=torch.long)
-        # w = 0 is no guidance: the unconditional model
-        w = guidance_scale if t >= guidance_t_min or guidance_scale == 0.0 else 1.0
-        if w == 1.0:  # the guided formula reduces to one of its two terms: skip the other
-            out = model(x, tt, context, mask)
-        elif w == 0.0:
-            out = model(x, tt, *uncond)
-        else:
-            out = guided_output(model, x, tt, cond, uncond, w)
-        x0 = scheduler.predict_x0_eps(x, tt, out.float())[0].clamp(-1, 1)
+    timesteps = S.timesteps(scheduler.num_timesteps)
+    denoise = Denoiser(model, scheduler, cond, uncond, S.guidance_scale, S.guidance_t_min)
+    bar = tqdm(total=len(timesteps), desc=f"{S.sampler} sampling", disable=not progress, leave=False)
+
+    def step_done(i, t, x_t, x0):
+        bar.update()
         if callback is not None:
-            callback(i, t, x, x0)
-        if sampler == "ddpm":
-            mean, variance = scheduler.q_posterior(x0, x, tt)
-            x = mean + variance.sqrt() * randn() if t > 0 else mean  # posterior_variance[0] = 0
-        else:
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            noise = randn() if eta > 0 else torch.zeros_like(x)
-            x, _, _ = ddim_step(scheduler, x, t, t_prev, x0, eta, noise)
+            callback(i, t, x_t, x0)
+
+    x = SAMPLERS[S.sampler](denoise, scheduler, noise(), timesteps, noise, S.eta, step_done)  # from x_T ~ N(0, I)
+    bar.close()
     return x.clamp(-1, 1)
