@@ -14,7 +14,7 @@ import torch
 
 import image_quality
 import shapes
-from diffusion_model import diffusion_loss, sample
+from diffusion_model import diffusion_loss, image_generators, sample
 from image_data import save_grid
 
 
@@ -47,9 +47,10 @@ def validation_loss(model, scheduler, images, ctx_table, ctx_mask, rows, batch, 
     return total / N
 
 
-def evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s):
+def evaluate(C, M, D, S, step, sysinfo, lr_now, loss_ema, imgs_per_s):
     """Validation loss; on shapes the judge's adherence with and without guidance; on image
-    datasets KID against the held-out art and the copy share (image_quality.py): (log, line)."""
+    datasets KID against the held-out art and the copy share (image_quality.py), all drawn with the
+    sampler S (a SamplerConfig): (log, line)."""
     log = {
         "val/loss": validation_loss(
             M.model,
@@ -67,18 +68,9 @@ def evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s):
     line = f"step {step}: val loss {log['val/loss']:.4f}, train loss {train_loss:.4f}, lr {lr_now:.2e}, "
     line += f"{imgs_per_s:.0f} img/s"
     if D.judge_prompts is not None:
-        w = C.sample_guidance
+        w = S.guidance_scale
         adh = shapes.sample_adherence(
-            M.ema,
-            M.scheduler,
-            D.judge_prompts,
-            *D.judge_ctx,
-            (0.0, w),
-            C.sample_steps,
-            C.seed,
-            sysinfo.autocast,
-            eta=C.sample_eta,
-            guidance_t_min=C.sample_guidance_t_min,
+            M.ema, M.scheduler, D.judge_prompts, *D.judge_ctx, S, (0.0, w), C.seed, sysinfo.autocast
         )
         for scale, splits in adh.items():
             for split, attrs in splits.items():
@@ -91,18 +83,8 @@ def evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s):
         t0 = time.time()
         r = D.val_rows.to(D.ctx_table.device)
         with sysinfo.autocast:
-            images = sample(
-                M.ema,
-                M.scheduler,
-                (D.ctx_table[r], D.ctx_mask[r]),
-                (D.ctx_table[:1], D.ctx_mask[:1]),
-                guidance_scale=C.sample_guidance,
-                sampler="ddim",
-                steps=C.sample_steps,
-                eta=C.sample_eta,
-                generator=image_quality.sample_generators(C.seed, len(r)),
-                guidance_t_min=C.sample_guidance_t_min,
-            )
+            cond, uncond = (D.ctx_table[r], D.ctx_mask[r]), (D.ctx_table[:1], D.ctx_mask[:1])
+            images = sample(M.ema, M.scheduler, cond, uncond, S, generator=image_generators(C.seed, len(r)))
         log.update({f"quality/{k}": v for k, v in D.real_art.score(images).items()})
         log["quality/seconds"] = time.time() - t0
         line += " | KID {:.2f} +- {:.2f}, copies {:.2f}".format(
@@ -132,21 +114,11 @@ def load_real_art(C, D, sysinfo):
     return image_quality.RealArt(image_quality.FeatureExtractor(sysinfo.device), D.val_images, D.train_images)
 
 
-def save_samples(C, M, D, step, sysinfo, run_dir, wandb_run):
-    """The run's sample grid of this step: the EMA model, guided, on the fixed prompts and seed."""
+def save_samples(C, M, D, S, step, sysinfo, run_dir, wandb_run):
+    """The run's sample grid of this step: the EMA model with the sampler S on the fixed prompts and seed."""
     with sysinfo.autocast:
-        grid = sample(
-            M.ema,
-            M.scheduler,
-            D.sample_cond,
-            D.sample_uncond,
-            guidance_scale=C.sample_guidance,
-            sampler="ddim",
-            steps=C.sample_steps,
-            eta=C.sample_eta,
-            generator=C.seed,
-            guidance_t_min=C.sample_guidance_t_min,
-        )
+        gens = image_generators(C.seed, len(D.sample_prompts))
+        grid = sample(M.ema, M.scheduler, D.sample_cond, D.sample_uncond, S, generator=gens)
     grid_path = os.path.join(run_dir, f"samples_{step:07d}.png")
     save_grid(grid, grid_path)
     if wandb_run:

@@ -140,12 +140,6 @@ def copy_share(samples, train, threshold):
     return (nearest_similarity(samples, train) > threshold).double().mean().item()
 
 
-def sample_generators(seed, n):
-    """One noise stream per sample of the quality evaluation, so that an image does not depend on
-    the batch it is drawn in, and training's evaluation and benchmarks.quality draw the same images."""
-    return [torch.Generator().manual_seed(seed * 100003 + i) for i in range(n)]
-
-
 class RealArt:
     """The real side of every comparison, computed once per run: features of the held-out and the
     training art, and the copy threshold from them. `score(samples)` then costs one feature pass."""

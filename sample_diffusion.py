@@ -19,7 +19,7 @@ import torch
 
 from checkpoints import build_model, build_scheduler, find_checkpoint, load_checkpoint
 from configurator import DEVICES, UserError, collect_settings, parse_config, pick_device, run_cli
-from diffusion_model import sample
+from diffusion_model import SAMPLERS, SamplerConfig, image_generators, sample
 from image_data import save_grid
 from text_encoders import TextEncoder, embed_prompts
 
@@ -34,9 +34,10 @@ guidance_scale = 3.0  # CFG weight w: out = out_u + w (out_c - out_u); 3, the sc
 guidance_t_min = 300
 num_images = 4  # images per file
 batch_size = 64  # images sampled at once (memory); the images do not depend on it
-sampler = "ddpm"  # ddpm (all T steps, Ho et al.) | ddim (Song et al., `steps` steps)
-steps = 25  # DDIM steps, 1..T
-eta = 0.0  # DDIM noise: 0 deterministic (Song et al.), 1 stochastic like DDPM
+# ddpm (all T steps, Ho et al.) | ddim (Song et al.) | dpmpp_2m (DPM-Solver++(2M), Lu et al.): `steps` steps
+sampler = "ddpm"
+steps = 25  # ddim and dpmpp_2m steps, 1..T
+eta = 0.0  # DDIM noise: 0 deterministic (Song et al.), 1 stochastic like DDPM; ddim only
 seed = 0  # same seed + same checkpoint + same device = byte-identical PNGs
 use_ema = True  # sample with the EMA weights (smoother, better) rather than the last training weights
 save_trajectory = False  # also write generated_image_pokemon_trajectory.png: x_t (top) and predicted x0 (bottom)
@@ -52,7 +53,7 @@ RANGES = dict(
     guidance_t_min="[0, 100000]",
     num_images="[1, 1000000]",
     batch_size="[1, 4096]",
-    sampler=("ddpm", "ddim"),
+    sampler=tuple(SAMPLERS),
     steps="[1, 100000]",
     eta="[0, 1]",
     seed="[0, 2147483647]",
@@ -66,8 +67,12 @@ GRID_MAX = 64  # the grid PNG shows at most this many images; every image is als
 
 
 def main(argv):
-    C, _ = parse_config(argv, DEFAULTS, RANGES)
+    C, explicit = parse_config(argv, DEFAULTS, RANGES)
     dev = pick_device(C.device)
+    S = SamplerConfig.from_settings(C)  # the sampler; its guidance_scale is the _cfg image's
+    for key, why in S.unused().items():
+        if key in explicit:
+            print(f"warning: --{key} has no effect: {why}", file=sys.stderr)
 
     where = C.checkpoint or C.out_dir
     path = find_checkpoint(where)
@@ -80,8 +85,9 @@ def main(argv):
     model = build_model(ckpt, "ema" if C.use_ema else "model").to(dev).eval()
     scheduler = build_scheduler(ckpt).to(dev)
     T = scheduler.num_timesteps
-    if C.sampler == "ddim" and not 1 <= C.steps <= T:
-        raise UserError(f"--steps={C.steps} is out of range: DDIM takes 1 to {T} steps")
+    if C.sampler != "ddpm" and not 1 <= C.steps <= T:
+        name = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)"}[C.sampler]
+        raise UserError(f"--steps={C.steps} is out of range: {name} takes 1 to {T} steps")
 
     # the encoder the model was trained with, never another: its features are what the model reads
     encoder = TextEncoder(ckpt["text_encoder"], dev)
@@ -101,7 +107,9 @@ def main(argv):
         print(f"warning: the prompt is longer than {encoder.max_length} tokens and was cut there", file=sys.stderr)
     cond, uncond = embed_prompts(encoder, [prompt], dev)
     del encoder
-    how = "ddpm, all steps" if C.sampler == "ddpm" else f"ddim, {C.steps} steps, eta {C.eta:g}"
+    how = {"ddpm": "ddpm, all steps", "ddim": f"ddim, {C.steps} steps, eta {C.eta:g}"}.get(
+        C.sampler, f"{C.sampler}, {C.steps} steps"
+    )
     print(
         f"checkpoint {path} (step {ckpt['step']}, {ckpt['dataset']}, predicts {scheduler.prediction_type}, "
         f"text encoder {ckpt['text_encoder']}) | {how} | {dev}"
@@ -120,20 +128,16 @@ def main(argv):
         for start in range(0, C.num_images, C.batch_size):
             n = min(C.batch_size, C.num_images - start)
             # image i has its own noise stream, seeded by (seed, i): the same bytes whatever the batch size
-            gens = [torch.Generator().manual_seed(C.seed * 1_000_003 + i) for i in range(start, start + n)]
             images = sample(
                 model,
                 scheduler,
                 (cond[0].expand(n, -1, -1), cond[1].expand(n, -1)),
                 uncond,
-                guidance_scale=w,
-                guidance_t_min=C.guidance_t_min,
-                sampler=C.sampler,
-                steps=C.steps,
-                eta=C.eta,
-                generator=gens,
+                S,
+                generator=image_generators(C.seed, n, start),
                 progress=True,
                 callback=record if (C.save_trajectory and suffix == "_cfg" and start == 0) else None,
+                guidance_scale=w,
             )
             grid.append(images[: max(0, GRID_MAX - start)].cpu())
             if C.num_images > 1:

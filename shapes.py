@@ -482,30 +482,17 @@ def adherence(images, targets):
 
 
 @torch.no_grad()
-def sample_adherence(
-    model,
-    scheduler,
-    prompts,
-    cond,
-    uncond,
-    guidance_scales,
-    steps,
-    seed,
-    autocast=None,
-    sampler="ddim",
-    eta=1.0,
-    guidance_t_min=0,
-):
-    """Sample the judge's prompts (shapes.eval_prompts(), embedded as cond) with DDIM (or DDPM) at
-    each guidance scale and judge the images. Returns {w: {"seen": {attr: frac}, "held_out": {attr: frac}}}.
-    eta = 1 by default, stochastic like DDPM. Deterministic DDIM (eta = 0) depends on the prediction
-    target: an eps-predicting model's first x0 guess at t = T-1 is noise that eta = 0 carries to the
-    end (position is lost), while a v-predicting model, as in the recipes, is judged the same as DDPM
-    on color, size and position with eta = 0.
-    guidance_t_min: guidance only at t >= it (diffusion_model.sample)."""
+def sample_adherence(model, scheduler, prompts, cond, uncond, settings, guidance_scales, seed, autocast=None):
+    """Sample the judge's prompts (shapes.eval_prompts(), embedded as cond) with the sampler `settings`
+    (a diffusion_model.SamplerConfig) at each of the guidance scales, one noise stream per prompt
+    from `seed`, and judge the images. Returns {w: {"seen": {attr: frac}, "held_out": {attr: frac}}}.
+    Deterministic samplers (DDIM at eta = 0, DPM-Solver++) depend on the prediction target: an
+    eps-predicting model's first x0 guess at t = T-1 is noise that they carry to the end (position is
+    lost), while a v-predicting model, as in the recipes, is judged the same as with DDPM."""
     import contextlib
 
-    from diffusion_model import sample  # here, not at the top: the dataset and the judge need no model
+    # here, not at the top: the dataset and the judge need no model
+    from diffusion_model import image_generators, sample
 
     autocast = autocast or contextlib.nullcontext()
     was_training = model.training
@@ -518,12 +505,9 @@ def sample_adherence(
                 scheduler,
                 cond,
                 uncond,
+                settings,
+                generator=image_generators(seed, len(prompts)),
                 guidance_scale=w,
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                generator=seed,
-                guidance_t_min=guidance_t_min,
             )
         judged = {}
         for split, held in (("seen", False), ("held_out", True)):

@@ -48,7 +48,7 @@ from configurator import (
     read_config_file,
     run_cli,
 )
-from diffusion_model import NoiseScheduler, UNet, UNetConfig, diffusion_loss
+from diffusion_model import SAMPLERS, NoiseScheduler, SamplerConfig, UNet, UNetConfig, diffusion_loss
 from distributed import (
     all_mean,
     any_rank,
@@ -109,12 +109,14 @@ ema_decay = 0.999  # EMA of the weights, warmed up as min(ema_decay, (1 + k) / (
 eval_interval = 500  # validation loss (and shapes adherence) every this many steps
 eval_images = 256  # validation images per evaluation (fixed timesteps and noise)
 sample_interval = 1000  # a grid of samples (EMA, CFG, fixed prompts and seed)
-sample_guidance = 3.0
+# the sampler of the evaluations and the grids (diffusion_model.SamplerConfig; sample_diffusion.py has the same names)
+sampler = "ddim"  # ddpm (all T steps) | ddim | dpmpp_2m (DPM-Solver++(2M)), both with `steps` steps
+steps = 50  # the sampler's steps, 1..num_timesteps (ddim, dpmpp_2m)
+eta = 1.0  # DDIM's noise: 0 deterministic, 1 stochastic like DDPM (ddim only)
+guidance_scale = 3.0  # classifier-free guidance w
 # guidance only at noise levels t >= this; below, the conditional model (guiding the nearly clean steps bends unseen
 # pairs into seen ones)
-sample_guidance_t_min = 300
-sample_steps = 50  # DDIM steps for samples and adherence
-sample_eta = 1.0  # DDIM's eta there (0 deterministic, 1 stochastic like DDPM)
+guidance_t_min = 300
 ckpt_interval = 1000
 log_interval = 10
 out_dir = "diffusion_results"
@@ -163,10 +165,11 @@ RANGES = dict(
     eval_interval="[1, 1e9]",
     eval_images="[1, 100000]",
     sample_interval="[1, 1e9]",
-    sample_guidance="[0, 100]",
-    sample_guidance_t_min="[0, 100000]",
-    sample_steps="[1, 100000]",
-    sample_eta="[0, 1]",
+    sampler=tuple(SAMPLERS),
+    steps="[1, 100000]",
+    eta="[0, 1]",
+    guidance_scale="[0, 100]",
+    guidance_t_min="[0, 100000]",
     ckpt_interval="[1, 1e9]",
     log_interval="[1, 1e9]",
     out_dir="nonempty",
@@ -209,6 +212,7 @@ def configure(argv):
                 setattr(C, k, v)
     if not C.resume:  # a resumed run is checked once its own settings are back (resume_run)
         check_consistency(C)  # before the banner: settings that do not fit together are the only line printed
+    warn_unused_sampler_settings(SamplerConfig.from_settings(C), explicit)
     if cpu_recipe and not C.resume:  # a resumed run takes its own settings back instead
         print(
             f"{'no GPU' if kind == 'cpu' else 'no CUDA GPU'} and no config file: training the CPU recipe "
@@ -227,16 +231,21 @@ def check_consistency(C):
             f"--min_lr={C.min_lr} is above --lr={C.lr}: the cosine decays from lr down to min_lr; "
             f"pass a --min_lr at or below --lr"
         )
-    if C.sample_steps > C.num_timesteps:
-        raise UserError(
-            f"--sample_steps={C.sample_steps} is more than --num_timesteps={C.num_timesteps}: use at most that many"
-        )
+    if C.steps > C.num_timesteps:
+        raise UserError(f"--steps={C.steps} is more than --num_timesteps={C.num_timesteps}: use at most that many")
     if any(level >= len(C.channel_mults) for level in C.attention_levels):
         raise UserError(
             f"--attention_levels={','.join(map(str, C.attention_levels))}: levels are 0..{len(C.channel_mults) - 1} "
             f"for --channel_mults={','.join(map(str, C.channel_mults))}"
         )
     unet_config(C)
+
+
+def warn_unused_sampler_settings(sampler, explicit):
+    """A sampler setting that was given but that the chosen sampler ignores gets one line, before any work."""
+    for key, why in sampler.unused().items():
+        if key in explicit:
+            print(f"warning: --{key} has no effect: {why}", file=sys.stderr)
 
 
 def unet_config(C, context_dim=1):  # context_dim 1: before the encoder is loaded, only the layout is checked
@@ -433,6 +442,7 @@ def train(C, sysinfo, stop, ckpt, run_dir):
     M = build_training(C, D, ckpt, sysinfo)
     del ckpt
     D.real_art = load_real_art(C, D, sysinfo)
+    S = SamplerConfig.from_settings(C)  # the sampler of every evaluation and grid
     if master:
         print(run_banner(C, D, M, run_dir, sysinfo))
     stop.training = True  # from here a stop signal saves a checkpoint and ends the run
@@ -475,14 +485,14 @@ def train(C, sysinfo, stop, ckpt, run_dir):
             last_good_step = step
         if master and (step % C.eval_interval == 0 or last) and not stopping:
             t_eval = time.time()
-            log, line = evaluate(C, M, D, step, sysinfo, lr_now, loss_ema, imgs_per_s)
+            log, line = evaluate(C, M, D, S, step, sysinfo, lr_now, loss_ema, imgs_per_s)
             log["eval/seconds"] = time.time() - t_eval  # so that evaluation's share of the run's minutes stays visible
             tqdm.write(line)
             write_log(run_dir, step, log)
             if wandb_run:
                 wandb_run.log(log, step=step)
         if master and ((step % C.sample_interval == 0 and step > 0) or last) and not stopping:
-            save_samples(C, M, D, step, sysinfo, run_dir, wandb_run)
+            save_samples(C, M, D, S, step, sysinfo, run_dir, wandb_run)
         if last or stopping:
             break
 

@@ -34,6 +34,7 @@ import torch
 
 from benchmarks.adherence import ATTRS, load_shapes_checkpoint, score
 from configurator import UserError, parse_config, run_cli
+from diffusion_model import SamplerConfig
 from text_encoders import TextEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,7 +125,7 @@ DEFAULTS = dict(
     ddpm_variants="default",
     jobs=2,
     repeats=4,
-    guidance=3.0,
+    guidance_scale=3.0,
     guidance_t_min=-1,
     speed=False,
     speed_steps=200,
@@ -178,7 +179,7 @@ def run_one(C, name, seed, threads):
         f"--study={C.study}",
         f"--out_dir={C.out_dir}",
         f"--repeats={C.repeats}",
-        f"--guidance={C.guidance}",
+        f"--guidance_scale={C.guidance_scale}",
         f"--guidance_t_min={C.guidance_t_min}",
         f"--ddpm_variants={C.ddpm_variants}",
         f"--variants={name}",
@@ -194,15 +195,14 @@ def judge_run(C, name, seed):
     run_dir = os.path.join(C.out_dir, f"{name}-s{seed}")
     _, ckpt, model, scheduler = load_shapes_checkpoint(run_dir, True)
     encoder = TextEncoder(ckpt["text_encoder"])
-    w, out = C.guidance, {}
+    w, out = C.guidance_scale, {}
     setups = [("ddim25_eta0", "ddim", 25, 0.0), ("ddim10_eta0", "ddim", 10, 0.0)]
     if name in C.ddpm_variants.split(","):
         setups.insert(0, ("ddpm1000", "ddpm", ckpt["num_timesteps"], 1.0))
     for key, sampler, steps, eta in setups:
         scales = [0.0, w] if key == "ddim25_eta0" else [w]
-        res, spi = score(
-            model, scheduler, encoder, scales, sampler, steps, 0, C.repeats, eta, guidance_t_min=C.guidance_t_min
-        )
+        S = SamplerConfig(sampler, steps, eta if sampler == "ddim" else 0.0, guidance_t_min=C.guidance_t_min)
+        res, spi = score(model, scheduler, encoder, S, scales, 0, C.repeats)
         out[key] = res[w]
         if key == "ddim25_eta0":
             out["ddim25_eta0_w0"] = res[0.0]
@@ -210,9 +210,8 @@ def judge_run(C, name, seed):
             f"{name}-s{seed} {key}: " + " ".join(f"{s}:{a} {res[w][s][a]:.2f}" for s in res[w] for a in ATTRS),
             flush=True,
         )
-    res, _ = score(
-        model, scheduler, encoder, [w], "ddim", 25, 0, C.repeats, 0.0, wording="novel", guidance_t_min=C.guidance_t_min
-    )
+    S = SamplerConfig("ddim", 25, 0.0, guidance_t_min=C.guidance_t_min)
+    res, _ = score(model, scheduler, encoder, S, [w], 0, C.repeats, wording="novel")
     out["novel_ddim25_eta0"] = res[w]
     with open(os.path.join(run_dir, "ablation.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -275,7 +274,7 @@ def table(C, names, seeds):
     ]
     four = lambda res, split: " / ".join(f"{res[split][a]:.2f}" for a in ("color", "shape", "size", "position"))
     print(
-        f"\nWith CFG (w = {C.guidance:g} at t >= {C.guidance_t_min}), {C.repeats} sampling seeds x 27 prompts; "
+        f"\nWith CFG (w = {C.guidance_scale:g} at t >= {C.guidance_t_min}), {C.repeats} sampling seeds x 27 prompts; "
         "color / shape / size / position"
     )
     print("| variant | train seed | sampler | seen | held-out |")

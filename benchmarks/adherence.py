@@ -2,7 +2,7 @@
 Score a `shapes` checkpoint: does it draw what it is told?
 
     python -m benchmarks.adherence --checkpoint=diffusion_results            # latest run
-    python -m benchmarks.adherence --checkpoint=... --guidance_scales=0,1,2,3,5 --sampler=ddim --steps=25 --eta=1
+    python -m benchmarks.adherence --checkpoint=... --guidance_scales=0,1,2,3,5 --sampler=dpmpp_2m --steps=8
 
 Samples every prompt of shapes.eval_prompts() (seen and held-out color x shape pairs) at each
 guidance scale, judges the images with shapes.judge, prints a table (attribute x guidance scale x
@@ -15,6 +15,7 @@ import time
 
 from checkpoints import build_model, build_scheduler, find_checkpoint, load_checkpoint
 from configurator import UserError, parse_config, pick_device, run_cli
+from diffusion_model import SamplerConfig
 from shapes import sample_adherence
 from text_encoders import TextEncoder, embed_prompts
 
@@ -23,7 +24,7 @@ DEFAULTS = dict(
     guidance_scales="0,1,2,3,5",
     sampler="ddim",
     steps=25,
-    eta=1.0,
+    eta=0.0,
     seed=0,
     repeats=2,
     use_ema=True,
@@ -34,10 +35,9 @@ DEFAULTS = dict(
 ATTRS = ("color", "shape", "position", "size")
 
 
-def score(
-    model, scheduler, encoder, scales, sampler, steps, seed, repeats, eta=1.0, wording="canonical", guidance_t_min=0
-):
-    """Mean adherence over `repeats` seeds: {w: {split: {attr: frac}}}, and seconds per image.
+def score(model, scheduler, encoder, settings, scales, seed, repeats, wording="canonical"):
+    """Mean adherence over `repeats` seeds with the sampler `settings` (a SamplerConfig) at each guidance
+    scale: {w: {split: {attr: frac}}}, and seconds per image.
     wording: the prompts' captions, canonical or novel (templates no training caption uses)."""
     import shapes
 
@@ -46,19 +46,7 @@ def score(
     total = {w: {s: dict.fromkeys(ATTRS, 0.0) for s in ("seen", "held_out")} for w in scales}
     t0 = time.time()
     for r in range(repeats):
-        res = sample_adherence(
-            model,
-            scheduler,
-            prompts,
-            cond,
-            uncond,
-            scales,
-            steps,
-            seed + r,
-            sampler=sampler,
-            eta=eta,
-            guidance_t_min=guidance_t_min,
-        )
+        res = sample_adherence(model, scheduler, prompts, cond, uncond, settings, scales, seed + r)
         for w in scales:
             for split in res[w]:
                 for a in ATTRS:
@@ -94,13 +82,12 @@ def main(argv):
         raise UserError(f"--guidance_scales={C.guidance_scales}: every scale must be a finite number >= 0")
     path, ckpt, model, scheduler = load_shapes_checkpoint(C.checkpoint, C.use_ema, pick_device(C.device))
     encoder = TextEncoder(ckpt["text_encoder"])
-    res, spi = score(
-        model, scheduler, encoder, scales, C.sampler, C.steps, C.seed, C.repeats, C.eta, guidance_t_min=C.guidance_t_min
-    )
+    S = SamplerConfig(C.sampler, C.steps, C.eta, guidance_t_min=C.guidance_t_min)
+    res, spi = score(model, scheduler, encoder, S, scales, C.seed, C.repeats)
 
     how = (
         f"{C.sampler}"
-        + (f"-{C.steps} eta={C.eta:g}" if C.sampler == "ddim" else "")
+        + {"ddim": f"-{C.steps} eta={C.eta:g}", "dpmpp_2m": f"-{C.steps}"}.get(C.sampler, "")
         + f", guidance at t >= {C.guidance_t_min}"
     )
     print(

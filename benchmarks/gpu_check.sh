@@ -35,8 +35,8 @@ stage() {  # stage NAME SECONDS COMMAND...
 latest_run() { ls -dt "$OUT"/runs/*-"$1" 2>/dev/null | head -n 1; }
 
 if [ "$QUICK" = 1 ]; then
-  BENCH="--repeats=1 --steps=1 --batch_size=2 --device=cpu" SHAPES="--max_steps=20 --batch_size=16 --shapes_num_images=512 --image_size=16 --base_channels=32 --channel_mults=1,2 --attention_levels=1 --eval_interval=10 --sample_interval=20 --ckpt_interval=10 --sample_steps=3 --device=cpu"
-  SAMPLING="--repeats=1 --samplers=ddim10,ddim5 --device=cpu" POKE="--max_steps=4 --batch_size=4 --base_channels=32 --image_size=32 --sample_interval=2 --eval_interval=2 --sample_steps=2 --device=cpu"
+  BENCH="--repeats=1 --steps=1 --batch_size=2 --device=cpu" SHAPES="--max_steps=20 --batch_size=16 --shapes_num_images=512 --image_size=16 --base_channels=32 --channel_mults=1,2 --attention_levels=1 --eval_interval=10 --sample_interval=20 --ckpt_interval=10 --steps=3 --device=cpu"
+  SAMPLING="--repeats=1 --samplers=ddim10,ddim5 --device=cpu" POKE="--max_steps=4 --batch_size=4 --base_channels=32 --image_size=32 --sample_interval=2 --eval_interval=2 --steps=2 --device=cpu"
   COMPILE_SIZE=32
 else
   BENCH="--repeats=5 --batch_size=256" SHAPES="--max_steps=1000 --batch_size=256 --lr=5e-4 --min_lr=5e-5 --warmup_steps=100 --eval_interval=500 --sample_interval=1000 --ckpt_interval=500"

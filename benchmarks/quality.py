@@ -14,8 +14,8 @@ art degraded by Gaussian blur and by added noise at three strengths against the 
 on held-out art (threshold from one half of it, share measured on the other: near 0.01), and the
 type probe's ceiling (held-out real art) and floor (the majority type).
 
-A checkpoint: one sample per held-out caption (EMA weights, DDIM --steps with --eta, CFG
---guidance at t >= --guidance_t_min), then KID, FD and the copy share against the held-out art,
+A checkpoint: one sample per held-out caption (EMA weights, --sampler with --steps (and --eta for
+ddim), CFG --guidance_scale at t >= --guidance_t_min), then KID, FD and the copy share against the held-out art,
 the paired test of captions (does each sample look more like its own caption's art than like the
 art of the other captions? KID cannot say: shuffling the captions leaves the set of art the same),
 and the type probe's accuracy on the samples. Writes a grid of the first 8 samples over their real
@@ -40,10 +40,11 @@ DEFAULTS = dict(
     seed=0,
     val_fraction=0.2,
     eval_images=256,
-    guidance=3.0,
-    guidance_t_min=300,
+    sampler="ddim",
     steps=25,
     eta=0.0,
+    guidance_scale=3.0,
+    guidance_t_min=300,
     sample_seed=0,
     device="auto",
     out="",
@@ -112,7 +113,7 @@ def validate(C, fe):
 @torch.no_grad()
 def judge_checkpoint(C, fe, device):
     from checkpoints import build_model, build_scheduler, find_checkpoint, load_checkpoint
-    from diffusion_model import sample
+    from diffusion_model import SamplerConfig, image_generators, sample
     from text_encoders import TextEncoder, embed_prompts
 
     path = find_checkpoint(C.checkpoint)
@@ -128,18 +129,9 @@ def judge_checkpoint(C, fe, device):
     encoder = TextEncoder(ckpt["text_encoder"], device)
     cond, uncond = embed_prompts(encoder, cap_held, device)
     t0 = time.time()
-    samples = sample(
-        model,
-        scheduler,
-        cond,
-        uncond,
-        guidance_scale=C.guidance,
-        sampler="ddim",
-        steps=C.steps,
-        eta=C.eta,
-        generator=iq.sample_generators(C.sample_seed, len(cap_held)),
-        guidance_t_min=C.guidance_t_min,
-    )
+    S = SamplerConfig.from_settings(C)
+    # the noise of training's evaluation for --sample_seed = the run's seed: the same images
+    samples = sample(model, scheduler, cond, uncond, S, generator=image_generators(C.sample_seed, len(cap_held)))
     seconds = time.time() - t0
     f_train, f_held, f_samples = fe(train), fe(held), fe(samples)
     threshold = iq.copy_threshold(f_held, f_train)
@@ -154,6 +146,7 @@ def judge_checkpoint(C, fe, device):
         copy_share=iq.copy_share(f_samples, f_train, threshold),
         sim_own_caption=own,
         sim_other_caption=other,
+        sampler=f"{S.sampler}-{S.steps}" if S.sampler != "ddpm" else "ddpm",
         sample_seconds=seconds,
     )
     probe, ceiling, floor = probe_scores(f_train, cap_train, f_held, cap_held)

@@ -24,5 +24,5 @@ val_fraction = 0.2  # KID wants a few hundred held-out images; 5% of ~900 would 
 eval_interval = 2000
 sample_interval = 2000
 ckpt_interval = 2000
-sample_steps = 25
-sample_eta = 0.0
+steps = 25
+eta = 0.0

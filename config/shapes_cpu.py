@@ -4,7 +4,7 @@ text encoder at 32 px, offline; 3000 steps of 32 images, roughly 10 minutes (9-1
 The 1.2 M-parameter U-Net of the 16 px recipe (config/shapes_16px.py) works on 2x2 cells of pixels
 (patch_size 2), so a 32 px step costs what a 16 px step costs. v-prediction keeps deterministic DDIM
 as good as DDPM; positions on the image tokens let captions name places; varied captions let users
-word prompts their own way. Samples are guided at noise levels t >= 300 only (sample_guidance_t_min,
+word prompts their own way. Samples are guided at noise levels t >= 300 only (guidance_t_min,
 the default), so that guidance does not bend held-out color x shape pairs into seen ones."""
 
 dataset = "shapes"
@@ -25,7 +25,7 @@ min_lr = 1e-4
 warmup_steps = 100
 max_steps = 3000
 eval_interval = 1000
-sample_steps = 25  # the in-training judge and grids use the sampler the adherence goal is judged with, deterministic
-sample_eta = 0.0  # DDIM-25, at half the cost of the default DDIM-50
+steps = 25  # the in-training judge and grids use the sampler the adherence goal is judged with, deterministic
+eta = 0.0  # DDIM-25, at half the cost of the default DDIM-50
 sample_interval = 1000
 ckpt_interval = 1000

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from checkpoints import build_scheduler, load_checkpoint  # noqa: E402
-from diffusion_model import UNet, UNetConfig, sample  # noqa: E402
+from diffusion_model import SamplerConfig, UNet, UNetConfig, image_generators, sample  # noqa: E402
 from image_data import load_art, save_grid  # noqa: E402
 from text_encoders import TextEncoder, embed_prompts  # noqa: E402
 
@@ -43,18 +43,10 @@ def main():
     torch.manual_seed(C["seed"])
     untrained = UNet(UNetConfig(**ckpt["model_args"])).eval()
     cond, uncond = embed_prompts(TextEncoder(ckpt["text_encoder"]), captions, torch.device("cpu"))
+    gens = image_generators(C["seed"], len(captions))  # training's grid noise
     rows = [
         sample(
-            untrained,
-            build_scheduler(ckpt),
-            cond,
-            uncond,
-            guidance_scale=C["sample_guidance"],
-            sampler="ddim",
-            steps=C["sample_steps"],
-            eta=C["sample_eta"],
-            generator=C["seed"],
-            guidance_t_min=C["sample_guidance_t_min"],
+            untrained, build_scheduler(ckpt), cond, uncond, SamplerConfig.from_settings(argparse.Namespace(**C)), gens
         )
     ]
     size = held.shape[-1]

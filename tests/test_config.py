@@ -235,13 +235,13 @@ def test_a_bool_key_that_is_not_true_or_false_is_one_line(capsys, sandbox, scrip
     "argv, expected",
     [
         (["--min_lr=1e-3", "--lr=1e-4"], "--min_lr=0.001 is above --lr=0.0001"),
-        (["--sample_steps=2000"], "--sample_steps=2000 is more than --num_timesteps=1000"),
+        (["--steps=2000"], "--steps=2000 is more than --num_timesteps=1000"),
         (["--channel_mults=1,2", "--attention_levels=2"], "--attention_levels=2: levels are 0..1"),
         (["--n_heads=3"], "do not divide into n_heads=3"),
         (["--base_channels=48"], "base_channels 48 must be a multiple of 32"),
         (["--image_size=18", "--channel_mults=1,2,2"], "--image_size"),
     ],
-    ids=["min_lr>lr", "sample_steps>T", "attention_level", "heads", "base_channels", "image_size"],
+    ids=["min_lr>lr", "steps>T", "attention_level", "heads", "base_channels", "image_size"],
 )
 def test_settings_that_do_not_fit_together_are_one_line(capsys, sandbox, argv, expected):
     assert_refused_in_one_line(capsys, td.main, [f"--out_dir={sandbox / 'out'}", *argv], sandbox, expected)

@@ -137,7 +137,7 @@ def test_evaluation_leaves_trainings_random_streams_alone(tiny, train_in_process
             tiny
             + [
                 "--dropout=0.1",
-                "--sample_eta=1.0",
+                "--eta=1.0",
                 "--max_steps=9",
                 "--log_interval=1",
                 f"--eval_interval={every}",

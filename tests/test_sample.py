@@ -102,6 +102,14 @@ def test_empty_prompt_is_unconditional_and_long_prompt_warns(run_dir, tmp_path, 
     assert err.count("longer than 77 tokens") == 1
 
 
+def test_a_sampler_setting_without_effect_is_one_warning_before_the_images(run_dir, tmp_path, capsys):
+    args = ["--sampler=dpmpp_2m", "--steps=3", "--eta=0.5", "--num_images=1", f"--out_dir={tmp_path}"]
+    sd.main([f"--checkpoint={run_dir}", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "warning: --eta has no effect: dpmpp_2m is deterministic", err
+    assert (tmp_path / "generated_image_pokemon_cfg.png").exists()
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -109,6 +117,7 @@ def test_empty_prompt_is_unconditional_and_long_prompt_warns(run_dir, tmp_path, 
         (["--guidance_scale=-1"], "--guidance_scale=-1.0 is out of range: use a finite number in [0, 100]"),
         (["--sampler=ddim", "--steps=0"], "--steps=0 is out of range"),
         (["--sampler=ddim", "--steps=1001"], "--steps=1001 is out of range: DDIM takes 1 to 1000 steps"),
+        (["--sampler=dpmpp_2m", "--steps=1001"], "--steps=1001 is out of range: DPM-Solver++(2M) takes 1 to 1000"),
         (["--seed=x"], "--seed=x: expected an integer"),
     ],
 )
@@ -138,18 +147,26 @@ def test_bad_checkpoints_are_one_line_errors(run_script, run_dir, tmp_path):
         assert len(lines) == 1 and expected in lines[0], r.stderr
 
 
-def test_bench_sampling_runs_ddim_at_each_eta_and_ddpm_once(run_dir):
+def test_bench_sampling_runs_ddim_at_each_eta_and_ddpm_and_dpmpp_once(run_dir, tmp_path):
     import benchmarks.bench_sampling as bs
+    from diffusion_model import SamplerConfig
 
-    assert bs.parse_samplers("ddpm,ddim5", 1000, (0.0, 1.0)) == [
-        ("ddpm", 1000, 1.0),
-        ("ddim", 5, 0.0),
-        ("ddim", 5, 1.0),
+    assert bs.parse_samplers("ddpm,ddim5,dpmpp3", 1000, (0.0, 1.0)) == [
+        SamplerConfig("ddpm"),
+        SamplerConfig("ddim", 5, 0.0),
+        SamplerConfig("ddim", 5, 1.0),
+        SamplerConfig("dpmpp_2m", 3),
     ]
-    with pytest.raises(configurator.UserError, match="ddim0"):
-        bs.parse_samplers("ddim0", 1000)
-    rows = bs.main([f"--checkpoint={run_dir}", "--samplers=ddim2", "--etas=0,1", "--guidance=1", "--device=cpu"])
-    assert [(r["sampler"], r["steps"], r["eta"], r["w"]) for r in rows] == [
-        ("ddim", 2, 0.0, 1.0),
-        ("ddim", 2, 1.0, 1.0),
+    for bad in ("ddim0", "dpmpp", "euler5"):
+        with pytest.raises(configurator.UserError, match=bad):
+            bs.parse_samplers(bad, 1000)
+    table = tmp_path / "t.tsv"
+    args = ["--samplers=ddim2,dpmpp3", "--etas=0,1", "--guidance_scale=1", "--repeats=1", "--device=cpu"]
+    rows = bs.main([f"--checkpoint={run_dir}", f"--table={table}", *args])
+    # w = 1: one evaluation a step for each of the 27 prompts
+    assert [(r["sampler"], r["steps"], r["evals"]) for r in rows] == [
+        ("ddim2 eta=0", 2, 2.0),
+        ("ddim2 eta=1", 2, 2.0),
+        ("dpmpp3", 3, 3.0),
     ]
+    assert len(table.read_text().splitlines()) == 4

@@ -366,7 +366,7 @@ def test_gpu_recipe_runs_on_cpu(hub, clip_folder, root, train_in_process, tmp_pa
             "--wandb_mode=disabled",
             "--eval_interval=1000",
             "--sample_interval=1000",
-            "--sample_steps=2",
+            "--steps=2",
             f"--out_dir={tmp_path}",
             f"--text_encoder={clip_folder}",
         ]

@@ -13,6 +13,6 @@ prediction_type = "v"
 min_lr = 1e-4
 max_steps = 3000
 eval_interval = 1000
-sample_eta = 0.0
+eta = 0.0
 sample_interval = 1000
 ckpt_interval = 1000
