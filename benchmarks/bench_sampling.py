@@ -1,60 +1,93 @@
 """
-Sampling speed against quality on a `shapes` checkpoint: seconds per image and judged adherence for
-DDPM over all 1000 steps and DDIM with 50, 25 and 10 steps (deterministic, eta = 0, and stochastic,
-eta = 1), each without (w = 1) and with classifier-free guidance (w = --guidance).
+Quality against the number of U-Net evaluations, for every sampler, on one checkpoint: DDPM over all
+T steps, DDIM (at each --etas) and DPM-Solver++(2M) with a few steps each, all with the same guidance.
 
-    python -m benchmarks.bench_sampling                                   # latest run in diffusion_results
-    python -m benchmarks.bench_sampling --checkpoint=diffusion_results/<run> --guidance=3 --repeats=3
-    python -m benchmarks.bench_sampling --samplers=ddim25,ddim10 --etas=0  # any of ddpm, ddim<steps>
+    python -m benchmarks.bench_sampling --checkpoint=diffusion_results          # a shapes run: the judge
+    python -m benchmarks.bench_sampling --checkpoint=<run> --dataset=../shared/data/pokedex-art  # KID
+    python -m benchmarks.bench_sampling --samplers=ddim25,dpmpp8 --etas=0,1 --table=out.tsv
 
-Each (sampler, guidance) samples all 27 prompts of shapes.eval_prompts() as one batch, `repeats`
-times with seeds seed, seed+1, ..., through benchmarks/adherence.py's score(), which also judges the
-images; s/image is its wall time (sampling plus the judge) over the images drawn, after a short
-warm-up. The table shows adherence on the seen color x shape pairs (15 prompts a repeat, so one
-image moves a number by 0.067: use --repeats=3 or more before reading differences of 0.02).
-A forward hook on the U-Net counts its calls: with guidance each step is still one forward, over a
-doubled batch (conditional + unconditional captions). Sampling runs in fp32, as in adherence.py.
-
-Keys (--key=value): checkpoint (ckpt.pt, run folder or out_dir), guidance, repeats, seed, samplers,
-etas (DDIM's eta values, comma-separated), device (auto|cpu|cuda), use_ema.
+Samplers are named ddpm, ddim<steps> or dpmpp<steps>. On a shapes checkpoint every sampler draws the
+27 prompts of shapes.eval_prompts() `repeats` times (seeds seed, seed+1, ...) and the judge scores
+them (benchmarks/adherence.py's score): the never-seen (held-out) color x shape pairs are the
+columns that matter. On an image-folder checkpoint (--dataset) every sampler draws one image per
+held-out caption, with training's evaluation noise for the run's seed, and KID x 1000 (with its
+spread over subsets) is measured against the held-out art (image_quality.py), as training's
+evaluation does. A forward hook counts U-Net evaluations per image: a guided step is one forward
+of a doubled batch, two evaluations. s/image is wall time over the images drawn (judge included),
+after a short warm-up. --table writes the rows as tab-separated values for docs/make_plots.py.
 """
 
 import sys
+import time
+
+import torch
 
 import shapes
-from benchmarks.adherence import load_shapes_checkpoint, score
+from benchmarks.adherence import ATTRS, score
+from checkpoints import build_model, build_scheduler, find_checkpoint, load_checkpoint
 from configurator import UserError, parse_config, pick_device, run_cli
-from text_encoders import TextEncoder
+from diffusion_model import SamplerConfig, image_generators, sample
+from text_encoders import TextEncoder, embed_prompts
 
 DEFAULTS = dict(
     checkpoint="diffusion_results",
-    guidance=3.0,
-    repeats=1,
+    dataset="",  # an image-folder checkpoint: its folder, for KID against the held-out art
+    samplers="ddpm,ddim10,ddim25,ddim50,dpmpp5,dpmpp8,dpmpp10,dpmpp15,dpmpp20",
+    etas="0",
+    guidance_scale=3.0,
+    guidance_t_min=300,
+    repeats=2,
     seed=0,
-    samplers="ddpm,ddim50,ddim25,ddim10",
-    etas="0,1",
+    table="",
     device="auto",
     use_ema=True,
 )
-ATTRS = ("color", "shape", "position", "size")
+PREFIXES = {"ddim": "ddim", "dpmpp": "dpmpp_2m"}
 
 
 def parse_samplers(text, num_timesteps, etas=(0.0,)):
-    """ "ddpm,ddim50" with etas (0, 1) -> [("ddpm", T, 1.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0)]
-    (DDPM's eta is 1 by construction)."""
+    """ "ddpm,ddim50,dpmpp8" with etas (0, 1) -> SamplerConfigs: DDPM once, DDIM-50 at each eta, DPM-Solver++-8."""
     samplers = []
     for name in text.split(","):
         name = name.strip()
+        prefix = name.rstrip("0123456789")
+        steps = name[len(prefix) :]
         if name == "ddpm":
-            samplers.append(("ddpm", num_timesteps, 1.0))
-        elif name.startswith("ddim") and name[4:].isdigit() and 1 <= int(name[4:]) <= num_timesteps:
-            samplers.extend(("ddim", int(name[4:]), eta) for eta in etas)
+            samplers.append(SamplerConfig("ddpm"))
+        elif prefix in PREFIXES and steps and 1 <= int(steps) <= num_timesteps:
+            for eta in etas if prefix == "ddim" else (0.0,):
+                samplers.append(SamplerConfig(PREFIXES[prefix], int(steps), eta))
         else:
             raise UserError(
-                f"--samplers: cannot read {name!r}: use ddpm or ddim<steps> with 1 <= steps <= {num_timesteps}, "
-                f"e.g. ddpm,ddim50,ddim25"
+                f"--samplers: cannot read {name!r}: use ddpm, ddim<steps> or dpmpp<steps> with "
+                f"1 <= steps <= {num_timesteps}, e.g. ddpm,ddim25,dpmpp8"
             )
     return samplers
+
+
+def label(S):
+    return {"ddpm": "ddpm", "ddim": f"ddim{S.steps} eta={S.eta:g}"}.get(S.sampler, f"dpmpp{S.steps}")
+
+
+def kid_judge(ckpt, model, scheduler, dataset, device):
+    """For an image-folder checkpoint: a function S -> {kid, kid_std} over one sample per held-out caption."""
+    import image_quality as iq
+    from image_data import load_art
+
+    if not iq.available():
+        raise UserError(f"KID needs the metric's packages: {iq.INSTALL_HINT}")
+    C = ckpt["config"]
+    _, _, held, cap_held = load_art(dataset, model.cfg.image_size, C["seed"], C["val_fraction"], C["eval_images"])
+    fe = iq.FeatureExtractor(device)
+    f_held = fe(held)
+    cond, uncond = embed_prompts(TextEncoder(ckpt["text_encoder"], device), cap_held, device)
+
+    def judge(S):
+        images = sample(model, scheduler, cond, uncond, S, generator=image_generators(C["seed"], len(cap_held)))
+        kid, kid_std = iq.kid(f_held, fe(images))
+        return dict(kid=kid, kid_std=kid_std), len(cap_held)
+
+    return judge
 
 
 def main(argv):
@@ -62,90 +95,66 @@ def main(argv):
     if C.repeats < 1:
         raise UserError("--repeats must be >= 1")
     device = pick_device(C.device)
-    path, ckpt, model, scheduler = load_shapes_checkpoint(C.checkpoint, C.use_ema, device)
+    path = find_checkpoint(C.checkpoint)
+    if path is None:
+        raise UserError(f"no checkpoint in {C.checkpoint}: pass --checkpoint=<ckpt.pt or run folder>")
+    ckpt = load_checkpoint(path)
+    if ckpt["dataset"] != "shapes" and not C.dataset:
+        raise UserError(f"{path} was trained on {ckpt['dataset']}: pass --dataset=<its folder> to measure KID")
     try:
         etas = [float(e) for e in C.etas.split(",")]
     except ValueError:
         raise UserError(f"--etas={C.etas}: give numbers separated by commas, e.g. 0,1") from None
-    if any(e < 0 for e in etas):
-        raise UserError(f"--etas={C.etas}: eta must be >= 0")
+    if any(not 0 <= e <= 1 for e in etas):
+        raise UserError(f"--etas={C.etas}: eta must be in [0, 1]")
     samplers = parse_samplers(C.samplers, ckpt["num_timesteps"], etas)
-    encoder = TextEncoder(ckpt["text_encoder"])
-    guidances = [1.0] if C.guidance == 1.0 else [1.0, C.guidance]
-    n_prompts = len(shapes.eval_prompts())
-    n_seen = sum(not p["held_out"] for p in shapes.eval_prompts())
+    model = build_model(ckpt, "ema" if C.use_ema else "model").to(device).eval()
+    scheduler = build_scheduler(ckpt).to(device)
+    guided = lambda S: SamplerConfig(S.sampler, S.steps, S.eta, C.guidance_scale, C.guidance_t_min)
 
-    forward_batches = []  # the batch size of every U-Net call
-    model.register_forward_hook(lambda module, inputs, output: forward_batches.append(inputs[0].shape[0]))
-    score(model, scheduler, encoder, [C.guidance], "ddim", 2, C.seed, 1)  # warm-up, not reported
+    if ckpt["dataset"] == "shapes":
+        encoder = TextEncoder(ckpt["text_encoder"])
+        n_images = len(shapes.eval_prompts()) * C.repeats
 
+        def judge(S):
+            res, _ = score(model, scheduler, encoder, S, [S.guidance_scale], C.seed, C.repeats)
+            w = S.guidance_scale
+            flat = {f"{split}_{a}": res[w][split][a] for split in ("held_out", "seen") for a in ATTRS}
+            return flat, n_images
+    else:
+        judge = kid_judge(ckpt, model, scheduler, C.dataset, device)
+
+    evaluations = []  # images carried by every U-Net call
+    model.register_forward_hook(lambda module, inputs, output: evaluations.append(inputs[0].shape[0]))
+    judge(guided(SamplerConfig("ddim", 2)))  # warm-up, not reported
     print(
-        f"checkpoint {path} (step {ckpt['step']}, {ckpt['model_args']['image_size']}px) on {device}, "
-        f"{C.repeats} repeat(s), seed {C.seed}"
+        f"checkpoint {path} (step {ckpt['step']}, {ckpt['dataset']}) on {device}, guidance {C.guidance_scale:g} "
+        f"at t >= {C.guidance_t_min}"
     )
     rows = []
-    for sampler, steps, eta in samplers:
-        for w in guidances:
-            forward_batches.clear()
-            res, seconds_per_image = score(model, scheduler, encoder, [w], sampler, steps, C.seed, C.repeats, eta)
-            forwards_per_step = len(forward_batches) / (steps * C.repeats)
-            rows.append(
-                dict(
-                    sampler=sampler,
-                    steps=steps,
-                    eta=eta,
-                    w=w,
-                    spi=seconds_per_image,
-                    fps=forwards_per_step,
-                    batch=sorted(set(forward_batches)),
-                    seen=res[w]["seen"],
-                    held_out=res[w]["held_out"],
-                )
-            )
-            print(
-                f"{sampler}-{steps} eta={eta:g} w={w:g}: {seconds_per_image:.4f} s/image, "
-                f"{forwards_per_step:g} forwards/step "
-                f"(batch {rows[-1]['batch']}), seen " + " ".join(f"{a} {res[w]['seen'][a]:.2f}" for a in ATTRS),
-                flush=True,
-            )
+    for S in map(guided, samplers):
+        evaluations.clear()
+        t0 = time.time()
+        figures, n = judge(S)
+        seconds = time.time() - t0
+        steps = len(S.timesteps(ckpt["num_timesteps"]))
+        rows.append(dict(sampler=label(S), steps=steps, evals=sum(evaluations) / n, s_per_image=seconds / n, **figures))
+        print(
+            "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()), flush=True
+        )
 
-    print(f"\n| sampler | steps | eta | guidance | s/image | forwards/step | {' | '.join(ATTRS)} |")
-    print("|---|---|---|---|---|---|" + "---|" * len(ATTRS))
+    keys = list(rows[0])
+    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
-        print(
-            f"| {r['sampler']} | {r['steps']} | {r['eta']:g} | {r['w']:g} | {r['spi']:.4f} | {r['fps']:g} | "
-            + " | ".join(f"{r['seen'][a]:.2f}" for a in ATTRS)
-            + " |"
-        )
-    print("(adherence on the seen color x shape pairs; forwards/step counts U-Net calls per sampling step)")
-    for w in guidances:
-        batches = sorted({b for r in rows if r["w"] == w for b in r["batch"]})
-        print(
-            f"w={w:g}: every U-Net call carries {batches} images "
-            + (
-                f"(the {n_prompts} prompts, conditional only)"
-                if w == 1.0
-                else f"({n_prompts} conditional + {n_prompts} unconditional: CFG doubles the batch, not the calls)"
-            )
-        )
-
-    by_key = {(r["sampler"], r["steps"], r["eta"], r["w"]): r for r in rows}
-    T = ckpt["num_timesteps"]
-    for w, eta in ((w, eta) for w in guidances for eta in etas):
-        ddpm, ddim25 = by_key.get(("ddpm", T, 1.0, w)), by_key.get(("ddim", 25, eta, w))
-        if ddpm is None or ddim25 is None:
-            continue
-        diffs = {a: ddim25["seen"][a] - ddpm["seen"][a] for a in ATTRS}
-        worst = max(abs(d) for d in diffs.values())
-        print(
-            f"DDIM-25 (eta={eta:g}) vs DDPM-{T} at w={w:g}: adherence differences (DDIM - DDPM, seen) "
-            + ", ".join(f"{a} {d:+.2f}" for a, d in diffs.items())
-            + f"; largest {worst:.2f} -> {'within' if worst <= 0.02 + 1e-9 else 'NOT within'} 0.02 "
-            f"(resolution {1 / (n_seen * C.repeats):.3f}: one image of {n_seen} seen prompts x {C.repeats} repeat(s)); "
-            f"DDIM-25 is {ddpm['spi'] / ddim25['spi']:.1f}x faster"
-        )
+        print("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    if C.table:
+        with open(C.table, "w") as f:
+            f.write("\t".join(keys) + "\n")
+            f.writelines("\t".join(str(r[k]) for k in keys) + "\n" for r in rows)
+        print(f"wrote {C.table}")
     return rows
 
 
 if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])
+    with torch.no_grad():
+        run_cli(main, sys.argv[1:])
