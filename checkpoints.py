@@ -82,7 +82,7 @@ def find_checkpoint(path):
     return None
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, check_weights=True):
     """torch.load with weights_only=True: tensors and plain containers only, so a checkpoint built
     to run code when unpickled is refused instead of run."""
     import pickle
@@ -116,7 +116,7 @@ def load_checkpoint(path):
         raise UserError(
             f"{path} is not a readable checkpoint (truncated or not a torch file: {str(e).splitlines()[0][:120]})"
         ) from None
-    check_checkpoint(ckpt, path)
+    check_checkpoint(ckpt, path, check_weights)
     return ckpt
 
 
@@ -140,10 +140,12 @@ MODEL_ARGS = dict(
 )
 
 
-def check_checkpoint(ckpt, path):
+def check_checkpoint(ckpt, path, check_weights=True):
     """Every field of a checkpoint, before torch or the scripts use it: a damaged or edited file is
     one line naming the field, never a traceback deep in torch, and never images drawn from NaN weights.
-    load_checkpoint calls it, so sampling, resuming and the benchmarks all get these checks."""
+    load_checkpoint calls it, so sampling, resuming and the benchmarks all get these checks.
+    check_weights=False checks the fields only: resuming first compares model_args with the run's
+    settings, whose message says more, then checks the weights."""
     from configurator import describe, is_valid
 
     def bad(field, value, expected):
@@ -199,6 +201,23 @@ def check_checkpoint(ckpt, path):
             f"checkpoint model_args are invalid ({e}): the checkpoint is damaged or from another version"
         ) from None
 
+    if "rng" in ckpt:
+        rng = ckpt["rng"]
+        states = rng.get("torch"), rng.get("cuda")
+        if (
+            not all(
+                isinstance(s, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in s)
+                for s in states
+            )
+            or not states[0]
+        ):
+            raise UserError(
+                f"{path}: rng is not a list of RNG states (uint8 tensors) per rank: the checkpoint is damaged"
+            )
+    if "config" in ckpt and not all(isinstance(k, str) for k in ckpt["config"]):
+        bad("config", ckpt["config"], "a dict of settings")
+    if not check_weights:
+        return
     # the weights: a dict of finite tensors of exactly the shapes of the U-Net its model_args describe
     # (built on the meta device: shapes without memory)
     with torch.device("meta"):
@@ -237,21 +256,6 @@ def check_checkpoint(ckpt, path):
 
     if "optimizer" in ckpt:
         check_optimizer_state(ckpt["optimizer"], [p.shape for p in unet.parameters()], path, bad)
-    if "rng" in ckpt:
-        rng = ckpt["rng"]
-        states = rng.get("torch"), rng.get("cuda")
-        if (
-            not all(
-                isinstance(s, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in s)
-                for s in states
-            )
-            or not states[0]
-        ):
-            raise UserError(
-                f"{path}: rng is not a list of RNG states (uint8 tensors) per rank: the checkpoint is damaged"
-            )
-    if "config" in ckpt and not all(isinstance(k, str) for k in ckpt["config"]):
-        bad("config", ckpt["config"], "a dict of settings")
 
 
 def check_optimizer_state(opt, shapes, path, bad):

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from checkpoints import (
     CKPT_NAME,
+    check_checkpoint,
     check_output_dir,
     checkpoint_state,
     find_checkpoint,
@@ -279,7 +280,7 @@ def resume_run(C, explicit, sysinfo):
                 print(f"resume=auto: no run in {C.out_dir} yet, starting a new one")
             check_consistency(C)
             return None, None, None
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, check_weights=False)  # the weights once the layout is compared (check_layout)
         missing = [k for k in ("ema", "optimizer", "rng", "config") if k not in ckpt]
         if missing:
             raise UserError(
@@ -308,6 +309,7 @@ def resume_run(C, explicit, sysinfo):
         check_ranges(vars(C), RANGES)  # a checkpoint's settings are checked like the command line's
         check_consistency(C)
         check_layout(C, ckpt["model_args"], path)
+        check_checkpoint(ckpt, path)
         return ckpt, os.path.dirname(os.path.abspath(path)), lock
     except BaseException:
         release_lock(lock)
