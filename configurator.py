@@ -26,8 +26,13 @@ def run_cli(main, argv):
     try:
         return main(argv)
     except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        report(e)
         sys.exit(2)
+
+
+def report(e):
+    """A UserError as the one line the user sees."""
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -172,6 +177,21 @@ def collect_settings(script_globals, before):
     return settings
 
 
+def check_utf8(key, text):
+    """Python hands argv bytes that are not UTF-8 over as lone surrogates (\udce9 for the byte 0xe9): as a
+    prompt they would reach the tokenizer, as a path every message that prints it. One line instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = text[e.start].encode("utf-8", "surrogateescape")[0] if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # caf\xe9
+        raise UserError(
+            f"--{key}={shown} is not valid UTF-8"
+            + (f" (byte 0x{byte:02x} at character {e.start + 1})" if byte is not None else "")
+            + ": pass UTF-8 text (rename a file or folder whose name is not)"
+        ) from None
+
+
 def parse_config(argv, defaults, ranges=None):
     """nanoGPT-style configuration. argv: config files (*.py) first, then `--key=value` for any
     key of `defaults`, converted to the default's type; every value with a declared range in
@@ -195,6 +215,7 @@ def parse_config(argv, defaults, ranges=None):
         key, text = arg[2:].split("=", 1)
         if key not in defaults:
             raise UserError(f"unknown key --{key}; valid keys: {', '.join(defaults)}")
+        check_utf8(key, text)
         config[key] = _convert(key, text, defaults[key])
         explicit.add(key)
         seen_override = True

@@ -8,12 +8,13 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
-from configurator import UserError, pick_device
+from configurator import UserError, pick_device, report
 
 
 def setup_device(C):
@@ -92,6 +93,61 @@ def restore_rng(rng, sysinfo):
     torch.set_rng_state(mine(rng["torch"]))
     if sysinfo.device.type == "cuda" and rng["cuda"]:
         torch.cuda.set_rng_state(mine(rng["cuda"]), sysinfo.device)
+
+
+@contextlib.contextmanager
+def fail_together(sysinfo, poll=0.2, linger=3.0):
+    """Under torchrun, one rank's failure ends every rank within seconds, its message printed once.
+    A rank waiting in a collective for a failed one would otherwise wait forever (NCCL) or die with a
+    traceback about a closed connection (gloo), and no signal reaches it there: Python runs handlers
+    only between bytecodes. So the first rank to fail prints its error (a UserError's one line, or the
+    traceback of a bug) and then marks the run failed in the process group's store; every rank has a
+    thread that polls that mark and ends its own process (exit code 2). Ranks that fail after the first
+    exit quietly. Without torchrun it does nothing."""
+    if not sysinfo.ddp:
+        yield
+        return
+    import threading
+    import traceback
+
+    store = dist.distributed_c10d._get_default_store()
+    # a restarted job (torchrun --max-restarts) keeps the store: its marks are per attempt
+    key = f"text-diffusion/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(poll):
+            try:
+                if store.check([key + "/failed"]):
+                    store.add(key + "/seen", 1)
+                    os._exit(2)  # blocked in a collective: nothing short of this ends the process
+            except Exception:  # the store is gone (its host ended): nothing left to watch
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    except Exception as e:
+        done.set()
+        watcher.join()
+        try:
+            first = store.add(key + "/claimed", 1) == 1
+        except Exception:  # the store is gone with the rank that hosted it: say what this rank knows
+            first = True
+        if first:  # printed before the mark: once the others see it, torchrun stops this process too
+            report(e) if isinstance(e, UserError) else traceback.print_exc()
+        with contextlib.suppress(Exception):
+            store.add(key + "/failed", 1)
+            # without torchrun's agent, this process may host the store: the others must see the mark first
+            if first and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+                deadline = time.time() + linger
+                while store.add(key + "/seen", 0) < sysinfo.world - 1 and time.time() < deadline:
+                    time.sleep(poll / 2)
+        raise SystemExit(2 if isinstance(e, UserError) else 1) from None
+    finally:
+        done.set()
+        watcher.join()
 
 
 class ReplicasDiverged(RuntimeError):

@@ -54,8 +54,22 @@ def pil_to_uint8(img):
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
 
 
+# the metadata files `datasets` reads in an imagefolder, in any of its subfolders, and the image files it collects
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+KINDS = {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "text", list: "a list"}
+
+
+def json_kind(value):
+    return KINDS.get(type(value), "an object")
+
+
 def check_imagefolder(path, caption_column):
-    """Fail early, in one line, on the folder problems `datasets` reports obscurely."""
+    """Fail early, in one line, on the folder problems `datasets` reports obscurely, with the rules it
+    applies (datasets' folder_based_builder): every metadata file in the tree is read, all of one
+    format; a file name is a relative path that stays inside its metadata file's folder; each column
+    (and each field inside lists and objects) keeps one JSON type over all lines of all files.
+    Warns of lines that name a file twice (trained twice) and of images no line names (not trained)."""
     if not os.path.isdir(path):
         raise UserError(f"dataset folder {path} does not exist: pass --dataset=<folder with images and metadata.jsonl>")
     meta = os.path.join(path, "metadata.jsonl")
@@ -63,9 +77,114 @@ def check_imagefolder(path, caption_column):
         raise UserError(
             f'{path} has no metadata.jsonl: add one line per image, {{"file_name": ..., "{caption_column}": ...}}'
         )
-    rows, missing = 0, []
+    metas, images = [], set()
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(folder, name), path)
+            if name in METADATA_NAMES:
+                if not name.endswith(".jsonl"):
+                    raise UserError(
+                        f"{path} holds {rel} beside metadata.jsonl: `datasets` takes one metadata format: "
+                        f"remove {rel} or move it out of the folder"
+                    )
+                metas.append(rel)
+            elif name.lower().endswith(IMAGE_SUFFIXES):
+                images.add(os.path.normpath(rel))
+    kinds, rows, named, missing, first = {}, 0, {}, [], None
+    for rel in metas:
+        n, columns = check_metadata_file(path, rel, caption_column, kinds, named, missing)
+        rows += n
+        first = first or (rel, columns)
+        if columns != first[1]:  # `datasets` refuses metadata files whose columns differ
+            diff = sorted(k for k in set(columns) | set(first[1]) if columns.get(k) != first[1].get(k))[0]
+            raise UserError(
+                f"{path}: column {diff!r} is {first[1].get(diff, 'missing')} in {first[0]} but "
+                f"{columns.get(diff, 'missing')} in {rel}: `datasets` needs the same columns and types in every "
+                f"metadata file; make them alike"
+            )
+    if rows == 0:
+        raise UserError(f"{meta} is empty: the dataset has no captioned images")
+    if missing:
+        raise UserError(
+            f"{meta} names {len(missing)} image(s) that do not exist (first: {missing[0]}): "
+            f"remove those lines or add the files"
+        )
+    twice = {f: lines for f, lines in named.items() if len(lines) > 1}
+    if twice:  # legal, and `datasets` takes each line: say so, as the image is then trained twice as often
+        f, lines = next(iter(twice.items()))
+        print(
+            f"warning: {meta} names {len(twice)} file on more than one line (first: {f}, lines "
+            f"{', '.join(lines)}): each line is one training image",
+            file=sys.stderr,
+        )
+    unnamed = sorted(images - set(named))
+    if unnamed:
+        print(
+            f"warning: {len(unnamed)} image file(s) in {path} are named by no metadata line and are not used "
+            f"(first: {unnamed[0]})",
+            file=sys.stderr,
+        )
+
+
+def check_metadata_file(root, rel, caption_column, kinds, named, missing):
+    """The lines of one metadata.jsonl (rel, inside root). kinds: column -> (JSON type, file, line
+    first seen), shared by all files, as `datasets` needs one type per column; named: file -> its lines;
+    missing: names of files that do not exist. Returns the number of lines and the file's columns with
+    the type `datasets` would give each (null if only nulls)."""
+    meta = os.path.join(root, rel)
+    where_dir = os.path.dirname(meta)
+    rows, signature = 0, {}
+
+    def no_duplicate_keys(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next((k for k in keys if keys.count(k) > 1), None)
+        if dup is not None:  # json keeps the last; `datasets` (pyarrow) refuses the line
+            raise UserError(f"{meta} line {line_no} has the key {dup!r} twice: keep one")
+        return dict(pairs)
+
+    def same_kind(column, value, line_no):
+        """One JSON type per column, recursively: `datasets` infers one Arrow type per column (null fits any)."""
+        kind = json_kind(value)
+        if kind != "null":
+            first_kind, first_rel, first_line = kinds.setdefault(column, (kind, rel, line_no))
+            if first_kind != kind:
+                where = (
+                    f"{meta}: column {column!r} is {first_kind} on line {first_line} but {kind} on line {line_no}"
+                    if first_rel == rel
+                    else f"{root}: column {column!r} is {first_kind} in {first_rel} but {kind} in {rel}"
+                )
+                raise UserError(f"{where}: `datasets` needs one type per column; make them alike (null for none)")
+        if isinstance(value, list):
+            for item in value:
+                same_kind(column + "[]", item, line_no)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                same_kind(f"{column}.{k}", v, line_no)
+
+    def file_reference(column, name):
+        """`datasets` opens file_name, *_file_name and the items of (*_)file_names relative to this folder."""
+        if not isinstance(name, str):
+            raise UserError(f"{meta} line {line_no}: {column!r} is {name!r}, not a file name: write the image's path")
+        if not name:
+            raise UserError(f"{meta} line {line_no}: {column!r} is empty: write the image's path")
+        if "://" in name:
+            raise UserError(f"{meta} line {line_no}: {column} {name!r} is a URL: copy the image into the folder")
+        rel_name = os.path.normpath(name).replace("\\", "/")
+        if os.path.isabs(name) or os.path.isabs(rel_name) or rel_name == ".." or rel_name.startswith("../"):
+            raise UserError(
+                f"{meta} line {line_no}: {column} {name!r} points outside {where_dir}: `datasets` only opens files "
+                f"inside the metadata file's folder; copy the image in and name it relative to the folder"
+            )
+        full = os.path.join(where_dir, rel_name)
+        if not os.path.isfile(full):
+            missing.append(name)
+        return os.path.normpath(os.path.relpath(full, root))
+
     with open(meta, "rb") as f:  # bytes: `datasets` fails on invalid UTF-8 deep inside its loader, we name the line
         for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, as Windows editors write
+                raw = raw[3:]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -77,10 +196,10 @@ def check_imagefolder(path, caption_column):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=no_duplicate_keys)
             except json.JSONDecodeError:
                 raise UserError(f"{meta} line {line_no} is not valid JSON: fix or remove that line") from None
-            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or caption_column not in row:
+            if not isinstance(row, dict) or "file_name" not in row or caption_column not in row:
                 raise UserError(
                     f"{meta} line {line_no} lacks 'file_name' or '{caption_column}': "
                     f"every line needs both (or pass --caption_column=<name>)"
@@ -90,16 +209,21 @@ def check_imagefolder(path, caption_column):
                     f"{meta} line {line_no}: '{caption_column}' is {row[caption_column]!r}, not text: "
                     f'write a string ("" or null for no caption)'
                 )
+            for column, value in row.items():
+                if column == "file_name" or column.endswith("_file_name"):
+                    name = file_reference(column, value)
+                    if column == "file_name":
+                        named.setdefault(name, []).append(str(line_no))
+                elif (column == "file_names" or column.endswith("_file_names")) and isinstance(value, list):
+                    for item in value:
+                        file_reference(column, item)
+                same_kind(column, value, line_no)
+                # `datasets` compares the column types of every metadata file: ints and floats count apart there
+                seen, now = signature.get(column, "null"), "float" if isinstance(value, float) else json_kind(value)
+                if seen == "null" or (seen == "a number" and now == "float"):
+                    signature[column] = now
             rows += 1
-            if not os.path.isfile(os.path.join(path, row["file_name"])):
-                missing.append(row["file_name"])
-    if rows == 0:
-        raise UserError(f"{meta} is empty: the dataset has no captioned images")
-    if missing:
-        raise UserError(
-            f"{meta} names {len(missing)} image(s) that do not exist (first: {missing[0]}): "
-            f"remove those lines or add the files"
-        )
+    return rows, signature
 
 
 def load_image_dataset(C):
@@ -117,7 +241,15 @@ def load_image_dataset(C):
     name = POKEMON_ID if C.dataset == "pokemon" else C.dataset
     if os.path.isdir(name) or name.startswith((".", "/", "~")):
         check_imagefolder(os.path.expanduser(name), C.caption_column)
-        ds = datasets.load_dataset("imagefolder", data_dir=os.path.expanduser(name), split="train")
+        try:
+            ds = datasets.load_dataset("imagefolder", data_dir=os.path.expanduser(name), split="train")
+        except Exception as e:  # a rule of `datasets` the checks above do not know yet: its own words, in one line
+            while e.__cause__ or e.__context__:  # DatasetGenerationError wraps the error that says what is wrong
+                e = e.__cause__ or e.__context__
+            raise UserError(
+                f"`datasets` could not read the folder {name} ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
+                f"fix the folder or its metadata.jsonl"
+            ) from None
     else:
         try:
             ds = datasets.load_dataset(name, split="train")
@@ -225,7 +357,10 @@ def save_grid(images, path, nrow=8):
     """images in [-1, 1], (B, 3, H, W) -> one PNG."""
     from torchvision.utils import save_image
 
-    save_image((images.float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+    try:
+        save_image((images.float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+    except OSError as e:  # a full or read-only disk: the images drawn so far are lost, the files written are not
+        raise UserError(f"could not write {path} ({e.strerror or e}): free space or pass another --out_dir") from None
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from checkpoints import build_model, build_scheduler, find_checkpoint, load_checkpoint
+from checkpoints import build_model, build_scheduler, check_output_dir, find_checkpoint, load_checkpoint
 from configurator import DEVICES, UserError, collect_settings, parse_config, pick_device, run_cli
 from diffusion_model import SAMPLERS, SamplerConfig, image_generators, sample
 from image_data import save_grid
@@ -69,6 +69,7 @@ GRID_MAX = 64  # the grid PNG shows at most this many images; every image is als
 def main(argv):
     C, explicit = parse_config(argv, DEFAULTS, RANGES)
     dev = pick_device(C.device)
+    check_output_dir(C.out_dir)  # before the minutes of sampling, not after
     S = SamplerConfig.from_settings(C)  # the sampler; its guidance_scale is the _cfg image's
     for key, why in S.unused().items():
         if key in explicit:
@@ -115,7 +116,10 @@ def main(argv):
         f"text encoder {ckpt['text_encoder']}) | {how} | {dev}"
     )
 
-    os.makedirs(C.out_dir, exist_ok=True)
+    try:
+        os.makedirs(C.out_dir, exist_ok=True)
+    except OSError as e:  # gone read-only or full since the check above
+        raise UserError(f"cannot create --out_dir={C.out_dir} ({e.strerror or e}): pass a writable --out_dir") from None
     trajectory = []
     keep = set(torch.linspace(0, (T if C.sampler == "ddpm" else C.steps) - 1, 8).round().long().tolist())
 

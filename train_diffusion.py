@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 from checkpoints import (
     CKPT_NAME,
+    check_checkpoint,
+    check_output_dir,
     checkpoint_state,
     find_checkpoint,
     load_checkpoint,
@@ -53,6 +55,7 @@ from distributed import (
     all_mean,
     any_rank,
     check_replicas_identical,
+    fail_together,
     from_rank0,
     install_stop_handlers,
     restore_rng,
@@ -286,7 +289,7 @@ def resume_run(C, explicit, sysinfo):
                 print(f"resume=auto: no run in {C.out_dir} yet, starting a new one")
             check_consistency(C)
             return None, None, None
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, check_weights=False)  # the weights once the layout is compared (check_layout)
         missing = [k for k in ("ema", "optimizer", "rng", "config") if k not in ckpt]
         if missing:
             raise UserError(
@@ -315,6 +318,7 @@ def resume_run(C, explicit, sysinfo):
         check_ranges(vars(C), RANGES)  # a checkpoint's settings are checked like the command line's
         check_consistency(C)
         check_layout(C, ckpt["model_args"], path)
+        check_checkpoint(ckpt, path)
         return ckpt, os.path.dirname(os.path.abspath(path)), lock
     except BaseException:
         release_lock(lock)
@@ -409,8 +413,14 @@ def lr_at(step, C):
 def main(argv):
     C, explicit = configure(argv)
     sysinfo = setup_device(C)
+    with fail_together(sysinfo):  # under torchrun one rank's error ends every rank, printed once
+        return start(C, explicit, sysinfo)
+
+
+def start(C, explicit, sysinfo):
+    """Resume or start the run, take its folder and lock, train; a failed new run leaves no folder."""
     stop = install_stop_handlers()
-    lock = created = None
+    lock = created = run_dir = None
     try:
         ckpt, run_dir, lock = resume_run(C, explicit, sysinfo)
         if ckpt is not None and ckpt["step"] >= C.max_steps:  # finished: touch nothing
@@ -425,9 +435,18 @@ def main(argv):
         # a new run's folder is taken before any slow work, so that a second writer learns at once
         if sysinfo.master and lock is None:
             if run_dir is None:
+                check_output_dir(C.out_dir)
                 run_dir = created = new_run_dir(C.out_dir, os.path.basename(C.dataset.rstrip("/")))
             lock = lock_run(run_dir)
         return train(C, sysinfo, stop, ckpt, run_dir)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        # a disk that fills or turns read-only mid-run (log lines, sample grids); checkpoints say so themselves
+        raise UserError(
+            f"training stopped: {e.filename or run_dir}: {e.strerror}; the last checkpoint in {run_dir} is kept: "
+            f"fix that and resume with --resume=auto"
+        ) from None
     finally:
         release_lock(lock)
         stop.restore()
