@@ -1,15 +1,20 @@
 """
-Training-step speed of a recipe's U-Net on this machine, by memory layout and torch.compile: the two
-CPU levers of the 32 px recipe that change no result, only the seconds (README, the 32 px recipe).
+Training-step speed of a recipe's U-Net on this machine, by memory layout, torch.compile and bf16
+autocast: the CPU levers that change no result (bf16: within rounding), only the seconds.
 
     python -m benchmarks.bench_layout  # config/shapes_cpu.py and config/shapes_16px.py
     python -m benchmarks.bench_layout --configs=config/shapes_cpu.py --compile=false --rounds=3
+    python -m benchmarks.bench_layout --configs=config/pokemon_cpu.py --compile=false --bf16=true
 
 For each config file: its U-Net (MiniLM's 384-d tokens, 12 of them), AdamW, one fixed batch of the
 recipe's batch_size, forward + v-loss-shaped MSE + backward + step, as train_diffusion.py runs it.
-Setups are timed in turn (NCHW, channels_last, compiled, NCHW, ...) for --rounds rounds of --steps
-steps each, so that a slow spell of the machine hits all of them; the table shows the median
-images/s, its ratio to NCHW, and for torch.compile the seconds its first steps took to compile: it
+With --bf16, channels_last again under torch.autocast("cpu", bfloat16): the matmuls and convolutions
+in bf16, the weights, the optimizer and the norms in fp32, as training runs autocast on CUDA; it
+pays only on CPUs whose bf16 matrix instructions outrun their fp32 FMAs (AMX does; avx512_bf16
+alone may not: docs/performance.md); --bf16 also prints the raw matmul and 3x3 convolution rates
+in fp32 and bf16 that set this ceiling. Setups are timed in turn (NCHW, channels_last, compiled,
+NCHW, ...) for --rounds rounds of --steps steps each, so that a slow spell of the machine hits all
+of them; the table shows the median images/s, its ratio to NCHW, and for torch.compile the seconds its first steps took to compile: it
 pays back only in a run where (1 - 1/ratio) x the run's training seconds exceed that.
 """
 
@@ -24,11 +29,13 @@ import torch.nn.functional as F
 from configurator import parse_config, read_config_file, run_cli
 from diffusion_model import UNet, UNetConfig
 
-DEFAULTS = dict(configs="config/shapes_cpu.py,config/shapes_16px.py", steps=10, rounds=5, compile=True, threads=0)
+DEFAULTS = dict(
+    configs="config/shapes_cpu.py,config/shapes_16px.py", steps=10, rounds=5, compile=True, bf16=False, threads=0
+)
 MODEL_KEYS = {f.name for f in dataclasses.fields(UNetConfig)}  # what a recipe file may say about the U-Net
 
 
-def setup(cfg, batch_size, channels_last, compiled):
+def setup(cfg, batch_size, channels_last, compiled, bf16=False):
     """(step function, seconds of the first step): the first step is where torch.compile compiles."""
     torch.manual_seed(0)
     model = UNet(cfg).train()
@@ -43,7 +50,9 @@ def setup(cfg, batch_size, channels_last, compiled):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        loss = F.mse_loss(run(x, t, context, mask), target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = run(x, t, context, mask)
+        loss = F.mse_loss(out.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -55,23 +64,53 @@ def setup(cfg, batch_size, channels_last, compiled):
     return step, first
 
 
+def kernel_rates(seconds=1.0):
+    """GFLOP/s of a 512 x 512 matmul and of the recipes' 3x3 convolution (64 channels, 16 x 16,
+    channels_last, batch 32), in fp32 and bf16, interleaved: what bf16 can gain at most."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
+    feats = torch.randn(32, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    kernels = {
+        "matmul 512": (lambda dt: lambda x=a.to(dt), y=b.to(dt): x @ y, 2 * 512**3),
+        "conv3x3 64ch": (lambda dt: lambda m=conv.to(dt), x=feats.to(dt): m(x), 2 * 32 * 64 * 64 * 9 * 16 * 16),
+    }
+    with torch.no_grad():
+        for name, (make, flops) in kernels.items():
+            rates = {dt: [] for dt in (torch.float32, torch.bfloat16)}
+            for _ in range(2):
+                for dt in rates:
+                    run = make(dt)
+                    run()
+                    t0, n = time.time(), 0
+                    while time.time() - t0 < seconds / 2:
+                        run()
+                        n += 1
+                    rates[dt].append(flops * n / (time.time() - t0) / 1e9)
+            fp32, bf16 = max(rates[torch.float32]), max(rates[torch.bfloat16])
+            print(f"{name}: fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s, bf16/fp32 {bf16 / fp32:.2f}")
+
+
 def main(argv):
     C, _ = parse_config(argv, DEFAULTS)
     if C.threads:
         torch.set_num_threads(C.threads)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; {C.rounds} rounds x {C.steps} steps, medians")
+    if C.bf16:
+        kernel_rates()
     print("| config | setup | img/s | ratio to NCHW | first step (s) |")
     print("|---|---|---|---|---|")
     for path in C.configs.split(","):
         recipe = read_config_file(path, None)
         cfg = UNetConfig(context_dim=384, **{k: recipe[k] for k in MODEL_KEYS if k in recipe})
         B = recipe["batch_size"]
-        setups = {"NCHW": (False, False), "channels_last": (True, False)}
+        setups = {"NCHW": (False, False, False), "channels_last": (True, False, False)}
         if C.compile:
-            setups["channels_last + compile"] = (True, True)
+            setups["channels_last + compile"] = (True, True, False)
+        if C.bf16:
+            setups["channels_last + bf16 autocast"] = (True, False, True)
         steps, firsts = {}, {}
-        for name, (cl, comp) in setups.items():
-            steps[name], firsts[name] = setup(cfg, B, cl, comp)
+        for name, (cl, comp, bf16) in setups.items():
+            steps[name], firsts[name] = setup(cfg, B, cl, comp, bf16)
         rates = {name: [] for name in setups}
         for _ in range(C.rounds):
             for name, step in steps.items():
