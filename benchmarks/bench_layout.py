@@ -14,8 +14,8 @@ pays only on CPUs whose bf16 matrix instructions outrun their fp32 FMAs (AMX doe
 alone may not: docs/performance.md); --bf16 also prints the raw matmul and 3x3 convolution rates
 in fp32 and bf16 that set this ceiling. Setups are timed in turn (NCHW, channels_last, compiled,
 NCHW, ...) for --rounds rounds of --steps steps each, so that a slow spell of the machine hits all
-of them; the table shows the median images/s, its ratio to NCHW, and for torch.compile the seconds its first steps took to compile: it
-pays back only in a run where (1 - 1/ratio) x the run's training seconds exceed that.
+of them; the table shows the median images/s, its ratio to NCHW, and for torch.compile the seconds
+its first steps took to compile: it pays back only in a run where (1 - 1/ratio) x the run's training seconds exceed that.
 """
 
 import dataclasses
