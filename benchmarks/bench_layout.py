@@ -15,7 +15,8 @@ alone may not: docs/performance.md); --bf16 also prints the raw matmul and 3x3 c
 in fp32 and bf16 that set this ceiling. Setups are timed in turn (NCHW, channels_last, compiled,
 NCHW, ...) for --rounds rounds of --steps steps each, so that a slow spell of the machine hits all
 of them; the table shows the median images/s, its ratio to NCHW, and for torch.compile the seconds
-its first steps took to compile: it pays back only in a run where (1 - 1/ratio) x the run's training seconds exceed that.
+its first steps took to compile: it pays back only in a run where (1 - 1/ratio) x the run's training
+seconds exceed that.
 """
 
 import dataclasses
