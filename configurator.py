@@ -76,6 +76,11 @@ def _literal(key, value, default, where):
     return value
 
 
+def is_config_file(arg):
+    """Does this command-line argument name a config file (rather than a --key=value)?"""
+    return arg.endswith(".py") and not arg.startswith("--")
+
+
 def read_config_file(path, defaults):
     """A config file holds plain assignments `key = literal` (comments welcome) and nothing else:
     it is parsed, never executed, so it can only set known keys to values of the right type.
@@ -200,7 +205,7 @@ def parse_config(argv, defaults, ranges=None):
     of keys that a file or the command line set."""
     config, explicit, seen_override = dict(defaults), set(), False
     for arg in argv:
-        if arg.endswith(".py") and not arg.startswith("--"):
+        if is_config_file(arg):
             if seen_override:
                 raise UserError(f"config file {arg} comes after a --key=value: put config files first")
             values = read_config_file(arg, defaults)
