@@ -8,9 +8,10 @@ Train the text-conditioned diffusion model of diffusion_model.py.
 
 Each run lives in its own folder under out_dir: checkpoints (ckpt.pt), sample grids, the W&B run.
 The file reads top to bottom: the settings, the setup of a run (resume, `auto`, model) in named
-functions, then `main` with the one training loop. Its helpers live in modules named for them:
-distributed.py (device, ranks, stop signals), checkpoints.py (checkpoints, the run folder and its
-lock), image_data.py (the data), evaluation.py (evaluation, sample grids, logging).
+functions, then `main`, `setup`, `train` (the one training loop, in one screen) and `finish`. Its
+helpers live in modules named for them: distributed.py (device, ranks, stop signals), checkpoints.py
+(checkpoints, the run folder and its lock), image_data.py (the data, get_batch), evaluation.py (the
+Evaluator, sample grids, logging).
 """
 
 import contextlib
@@ -68,8 +69,8 @@ from text_encoders import resolve_text_encoder
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set in a config file or overridden as --key=value.
-# These defaults are the GPU recipe; without a GPU and without a config file, config/shapes_cpu.py
-# is read first (a banner says so).
+# These defaults are the GPU recipe's model and schedule (config/pokemon_gpu.py adds its dataset, text encoder and
+# held-out share); without a GPU and without a config file, config/shapes_cpu.py is read first (a banner says so).
 _before_settings = set(globals())
 # data
 # auto (Pokémon if the Hub answers, else shapes) | pokemon | shapes | a Hub dataset id | a local imagefolder
@@ -219,7 +220,7 @@ def configure(argv):
     if cpu_recipe and not C.resume:  # a resumed run takes its own settings back instead
         print(
             f"{'no GPU' if kind == 'cpu' else 'no CUDA GPU'} and no config file: training the CPU recipe "
-            f"({os.path.relpath(CPU_RECIPE)}, 9-13 min on 2 cores); "
+            f"({os.path.relpath(CPU_RECIPE)}; its minutes: README, Results); "
             f"pass a config file, e.g. config/pokemon_gpu.py, to choose another",
             file=sys.stderr,
         )
