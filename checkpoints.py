@@ -312,22 +312,22 @@ def build_scheduler(ckpt):
     return NoiseScheduler(ckpt["num_timesteps"], ckpt["prediction_type"])
 
 
-def checkpoint_state(C, M, D, step, sysinfo, wandb_run):
+def checkpoint_state(C, state, data, step, sysinfo, wandb_run):
     """What ckpt.pt holds. Collective under torchrun: every rank must call it."""
     rng = dict(
         torch=gather_rng(sysinfo, torch.get_rng_state()),
         cuda=gather_rng(sysinfo, torch.cuda.get_rng_state(sysinfo.device)) if sysinfo.device.type == "cuda" else [],
     )
     return dict(
-        model=M.model.state_dict(),
-        ema=M.ema.state_dict(),
-        optimizer=M.optimizer.state_dict(),
+        model=state.model.state_dict(),
+        ema=state.ema.state_dict(),
+        optimizer=state.optimizer.state_dict(),
         step=step,
-        model_args=dataclasses.asdict(M.cfg),
+        model_args=dataclasses.asdict(state.model_config),
         num_timesteps=C.num_timesteps,
         prediction_type=C.prediction_type,
         text_encoder=C.text_encoder,
-        dataset=D.name,
+        dataset=data.name,
         config=vars(C),
         wandb_id=wandb_run.id if wandb_run else None,
         rng=rng,

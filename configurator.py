@@ -76,10 +76,19 @@ def _literal(key, value, default, where):
     return value
 
 
-def read_config_file(path, defaults):
+def is_config_file(arg):
+    """Does this command-line argument name a config file (rather than a --key=value)?"""
+    return arg.endswith(".py") and not arg.startswith("--")
+
+
+def read_config_file(path, defaults, _seen=()):
     """A config file holds plain assignments `key = literal` (comments welcome) and nothing else:
     it is parsed, never executed, so it can only set known keys to values of the right type.
+    `base = "other.py"` (a path relative to this file) reads that file first, and this file's
+    assignments then change its values: a recipe states only how it differs from another.
     defaults None: any key, unchecked (for benchmarks that read a few keys of a recipe)."""
+    if os.path.abspath(path) in _seen:
+        raise UserError(f"config file {path} is its own base (through {' -> '.join(_seen)}): break the loop")
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist: pass a file such as config/shapes_cpu.py")
     try:
@@ -94,6 +103,15 @@ def read_config_file(path, defaults):
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             raise UserError(f"{where}: only `key = value` assignments are allowed in a config file")
         key = node.targets[0].id
+        if key == "base":
+            base = node.value.value if isinstance(node.value, ast.Constant) else None
+            if not isinstance(base, str) or values:
+                raise UserError(f'{where}: base must come first and name a config file, e.g. base = "shapes_cpu.py"')
+            base_path = os.path.join(os.path.dirname(path), base)
+            if not os.path.isfile(base_path):
+                raise UserError(f"{where}: base {base!r}: {base_path} does not exist (the path is relative to {path})")
+            values = read_config_file(base_path, defaults, _seen + (os.path.abspath(path),))
+            continue
         if defaults is not None and key not in defaults:
             raise UserError(f"{where}: unknown key {key}; valid keys: {', '.join(defaults)}")
         try:
@@ -200,7 +218,7 @@ def parse_config(argv, defaults, ranges=None):
     of keys that a file or the command line set."""
     config, explicit, seen_override = dict(defaults), set(), False
     for arg in argv:
-        if arg.endswith(".py") and not arg.startswith("--"):
+        if is_config_file(arg):
             if seen_override:
                 raise UserError(f"config file {arg} comes after a --key=value: put config files first")
             values = read_config_file(arg, defaults)

@@ -5,13 +5,18 @@ the problem in one line; sample grids go out as PNG files; and training's data (
 the device with its captions embedded, read in batches that depend on the step alone.
 """
 
+import dataclasses
+import io
 import json
 import os
 import re
 import sys
+import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 import shapes
@@ -24,11 +29,7 @@ POKEMON_ID = "reach-vb/pokemon-blip-captions"  # a live mirror of lambdalabs/pok
 def to_rgb_square(img, size):
     """Any PIL image -> RGB (transparency composited on white), shorter side resized to `size`,
     center-cropped to size x size."""
-    from PIL import Image
-
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale down to 8 bits
-        import numpy as np
-
         a = np.asarray(img, dtype=np.float64)
         # 16-bit data (0..65535) keeps its brightness: 65535 -> 255, not each image stretched to its own max
         scale = 255 / 65535 if a.max() <= 65535 else 255 / a.max()
@@ -49,8 +50,6 @@ def to_rgb_square(img, size):
 
 
 def pil_to_uint8(img):
-    import numpy as np
-
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
 
 
@@ -229,8 +228,6 @@ def check_metadata_file(root, rel, caption_column, kinds, named, missing):
 def load_image_dataset(C):
     """Returns (images uint8 (N, 3, S, S), captions, name, mirrorable (N,) bool) for the dataset that config C names."""
     if C.dataset == "shapes":
-        import shapes
-
         images, captions, _ = shapes.make_shapes_dataset(
             C.shapes_num_images, C.image_size, seed=C.seed, captions=C.shapes_captions
         )
@@ -267,12 +264,6 @@ def load_image_dataset(C):
             )
     # decode ourselves: a bad file is skipped, not fatal
     ds = ds.cast_column(C.image_column, datasets.Image(decode=False))
-
-    import io
-    import warnings
-
-    from PIL import Image
-
     images, captions, skipped, first_skip = [], [], 0, None
     for i, row in enumerate(tqdm(ds, desc=f"preprocessing {name}", leave=False)):
         data = row[C.image_column]
@@ -327,8 +318,6 @@ def split_indices(n, seed, val_fraction, eval_images):
 def load_art(folder, image_size, seed, val_fraction, eval_images):
     """A captioned imagefolder split as train_diffusion.py splits it: (train images, train captions,
     held-out images, held-out captions), uint8 at image_size. For benchmarks and figures."""
-    from types import SimpleNamespace
-
     C = SimpleNamespace(dataset=folder, image_column="image", caption_column="text", image_size=image_size)
     images, captions, _, _ = load_image_dataset(C)
     val_idx, train_idx = split_indices(len(images), seed, val_fraction, eval_images)
@@ -367,6 +356,27 @@ def save_grid(images, path, nrow=8):
 # Training data: images on the device, every distinct caption embedded once, batches by step
 
 
+@dataclasses.dataclass
+class Data:
+    """What a run trains and evaluates on, built once by load_data. Images stay uint8 (N, 3, S, S);
+    captions are rows of one table of embedded captions, row 0 the empty caption."""
+
+    name: str  # the dataset, as banners and checkpoints name it
+    context_dim: int  # the width of the text encoder's token embeddings
+    ctx_table: torch.Tensor  # (R, L, context_dim) every distinct caption, embedded; on the device
+    ctx_mask: torch.Tensor  # (R, L) bool, its tokens
+    train_images: torch.Tensor  # (N, 3, S, S) uint8, on the device (small datasets)
+    train_rows: torch.Tensor  # (N,) each image's caption row
+    train_can_flip: torch.Tensor  # (N,) bool: which images random flips may mirror
+    val_images: torch.Tensor  # (V, 3, S, S) uint8, on the CPU: held out, for the validation loss and KID
+    val_rows: torch.Tensor  # (V,)
+    sample_prompts: list  # the fixed captions of the sample grids
+    sample_cond: tuple  # (context, mask) of sample_prompts
+    sample_uncond: tuple  # (context, mask) of the empty caption, padded alike
+    judge_prompts: list | None = None  # shapes only: the judge's prompts (shapes.eval_prompts())
+    judge_cond: tuple | None = None  # shapes only: (cond, uncond) of judge_prompts, as sample_cond and sample_uncond
+
+
 def load_data(C, sysinfo):
     """Images, the caption table and the fixed prompts for sample grids and the judge."""
     images, captions, name, can_flip = load_image_dataset(C)
@@ -382,28 +392,36 @@ def load_data(C, sysinfo):
             f"per process: lower --batch_size"
         )
     dev = sysinfo.device
-    D = SimpleNamespace(
+    # fixed prompts for sample grids: the judge's prompts on shapes, validation captions elsewhere
+    judge_prompts = judge_cond = None
+    if C.dataset == "shapes":
+        judge_prompts = shapes.eval_prompts()
+        judge_cond = embed_prompts(encoder, [p["caption"] for p in judge_prompts], dev)
+        sample_prompts = [p["caption"] for p in judge_prompts][:16]
+    else:
+        sample_prompts = [captions[i] for i in val_idx[:8].tolist()]
+    sample_cond, sample_uncond = embed_prompts(encoder, sample_prompts, dev)
+    return Data(
         name=name,
         context_dim=encoder.dim,
         ctx_table=ctx_table.to(dev),
         ctx_mask=ctx_mask.to(dev),
         train_images=images[train_idx].to(dev),
-        train_rows=rows[train_idx].to(dev),  # small datasets live on the device as uint8
-        train_can_flip=(can_flip[train_idx] & C.flips).to(dev),  # (N,) which images random flips may mirror
+        train_rows=rows[train_idx].to(dev),
+        train_can_flip=(can_flip[train_idx] & C.flips).to(dev),
         val_images=images[val_idx],
         val_rows=rows[val_idx],
-        judge_prompts=None,
+        sample_prompts=sample_prompts,
+        sample_cond=sample_cond,
+        sample_uncond=sample_uncond,
+        judge_prompts=judge_prompts,
+        judge_cond=judge_cond,
     )
-    # fixed prompts for sample grids: the judge's prompts on shapes, validation captions elsewhere
-    if C.dataset == "shapes":
-        D.judge_prompts = shapes.eval_prompts()
-        D.judge_ctx = embed_prompts(encoder, [p["caption"] for p in D.judge_prompts], dev)
-        D.sample_prompts = [p["caption"] for p in D.judge_prompts][:16]
-    else:
-        D.sample_prompts = [captions[i] for i in val_idx[:8].tolist()]
-    D.sample_cond, D.sample_uncond = embed_prompts(encoder, D.sample_prompts, dev)
-    D.real_art = None  # set by load_real_art on rank 0 for image datasets
-    return D
+
+
+def to_model_range(images):
+    """Stored uint8 images -> the model's float range [-1, 1]: for training batches and evaluation alike."""
+    return images.float() / 127.5 - 1
 
 
 def global_batch_indices(step, n, global_batch, seed):
@@ -414,3 +432,24 @@ def global_batch_indices(step, n, global_batch, seed):
     epoch, pos = divmod(step, steps_per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     return perm[pos * global_batch : (pos + 1) * global_batch]
+
+
+def get_batch(data, step, seed, rank, world, batch_size, p_uncond, num_timesteps):
+    """Rank `rank`'s slice of training batch `step`: (x0, context, mask, t, noise). Every random draw
+    (caption dropout, flips, timesteps, noise) is made for the global batch from (seed, step), in
+    that order, and each rank takes its slice: a resumed run replays the same batches, and N ranks
+    see what one process would. On CUDA the draws come from the GPU's generator, elsewhere the CPU's."""
+    dev = data.train_images.device
+    rng_dev = dev if dev.type == "cuda" else torch.device("cpu")  # on mps the step's draws come from the CPU
+    G, B = batch_size * world, batch_size  # global and per-rank batch
+    g = torch.Generator(device=rng_dev).manual_seed(seed * 1_000_003 + step)
+    drop = (torch.rand(G, generator=g, device=rng_dev) < p_uncond).to(dev)
+    flip = (torch.rand(G, generator=g, device=rng_dev) < 0.5).to(dev)
+    t = torch.randint(0, num_timesteps, (G,), generator=g, device=rng_dev).to(dev)
+    noise = torch.randn((G, *data.train_images.shape[1:]), generator=g, device=rng_dev).to(dev)
+    mine = slice(rank * B, (rank + 1) * B)
+    idx = global_batch_indices(step, len(data.train_images), G, seed)[mine].to(dev)
+    x0 = to_model_range(data.train_images[idx])  # (B, 3, S, S)
+    x0 = torch.where((flip[mine] & data.train_can_flip[idx])[:, None, None, None], x0.flip(3), x0)
+    rows = torch.where(drop[mine], 0, data.train_rows[idx])  # caption dropout: row 0 is the empty caption
+    return x0, data.ctx_table[rows], data.ctx_mask[rows], t[mine], noise[mine]

@@ -8,9 +8,10 @@ Train the text-conditioned diffusion model of diffusion_model.py.
 
 Each run lives in its own folder under out_dir: checkpoints (ckpt.pt), sample grids, the W&B run.
 The file reads top to bottom: the settings, the setup of a run (resume, `auto`, model) in named
-functions, then `main` with the one training loop. Its helpers live in modules named for them:
-distributed.py (device, ranks, stop signals), checkpoints.py (checkpoints, the run folder and its
-lock), image_data.py (the data), evaluation.py (evaluation, sample grids, logging).
+functions, then `main`, `setup`, `train` (the one training loop, in one screen) and `finish`. Its
+helpers live in modules named for them: distributed.py (device, ranks, stop signals), checkpoints.py
+(checkpoints, the run folder and its lock), image_data.py (the data, get_batch), evaluation.py (the
+Evaluator, sample grids, logging).
 """
 
 import contextlib
@@ -20,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,7 @@ from configurator import (
     check_ranges,
     collect_settings,
     hub_reachable,
+    is_config_file,
     offline_banner,
     parse_config,
     pick_device,
@@ -62,14 +63,14 @@ from distributed import (
     setup_device,
     stop_requested,
 )
-from evaluation import evaluate, load_real_art, run_banner, save_samples, start_wandb, write_log
-from image_data import global_batch_indices, load_data
+from evaluation import Evaluator, figures_line, run_banner, save_samples, start_wandb, write_log
+from image_data import get_batch, load_data
 from text_encoders import resolve_text_encoder
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set in a config file or overridden as --key=value.
-# These defaults are the GPU recipe; without a GPU and without a config file, config/shapes_cpu.py
-# is read first (a banner says so).
+# These defaults are the GPU recipe's model and schedule (config/pokemon_gpu.py adds its dataset, text encoder and
+# held-out share); without a GPU and without a config file, config/shapes_cpu.py is read first (a banner says so).
 _before_settings = set(globals())
 # data
 # auto (Pokémon if the Hub answers, else shapes) | pokemon | shapes | a Hub dataset id | a local imagefolder
@@ -204,7 +205,7 @@ CPU_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", 
 def configure(argv):
     """(C, explicit): every setting, and the keys that a config file or the command line set.
     Without a config file on a machine without a GPU, the CPU recipe is the base."""
-    gave_file = any(a.endswith(".py") and not a.startswith("--") for a in argv)
+    gave_file = any(is_config_file(a) for a in argv)
     C, explicit = parse_config(argv, DEFAULTS, RANGES)
     kind = pick_device(C.device).type
     cpu_recipe = not gave_file and kind != "cuda"  # Apple's GPU (mps) trains the CPU recipe too
@@ -219,7 +220,7 @@ def configure(argv):
     if cpu_recipe and not C.resume:  # a resumed run takes its own settings back instead
         print(
             f"{'no GPU' if kind == 'cpu' else 'no CUDA GPU'} and no config file: training the CPU recipe "
-            f"({os.path.relpath(CPU_RECIPE)}, 9-13 min on 2 cores); "
+            f"({os.path.relpath(CPU_RECIPE)}; its minutes: README, Results); "
             f"pass a config file, e.g. config/pokemon_gpu.py, to choose another",
             file=sys.stderr,
         )
@@ -264,20 +265,49 @@ def unet_config(C, context_dim=1):  # context_dim 1: before the encoder is loade
 
 
 # -----------------------------------------------------------------------------
-# Resume: the run's own settings come back from its checkpoint
+# Resume: find and lock the run, then its own settings come back from its checkpoint
 
 
 def resume_run(C, explicit, sysinfo):
     """Load the checkpoint to resume (or None), and set C to the run's stored settings except
-    those given explicitly. Identity keys (RUN_KEYS) must not change; other explicit changes are
-    allowed and printed. Rank 0 takes the run's lock before reading the checkpoint: a process that
-    saves and exits meanwhile has its last checkpoint read, not the one before. Returns
-    (ckpt, run_dir, lock); on an error the lock is released."""
+    those given explicitly (merge_settings). Returns (ckpt, run_dir, lock); on an error the lock is released."""
     if not C.resume:
         return None, None, None
+    path, lock = find_run(C, sysinfo)
+    try:
+        ckpt = None
+        if path is not None:
+            ckpt = load_checkpoint(path, check_weights=False)  # the weights once the layout is compared (check_layout)
+            missing = [k for k in ("ema", "optimizer", "rng", "config") if k not in ckpt]
+            if missing:
+                raise UserError(
+                    f"{path} holds no {', '.join(missing)}: it cannot be resumed exactly; sample from it with "
+                    f"sample_diffusion.py, or start a new run (drop --resume)"
+                )
+            settings, changes = merge_settings(ckpt["config"], vars(C), explicit, path)
+            if sysinfo.master:
+                for k, given, stored in changes:
+                    print(f"resuming with {k} {given} instead of {stored}")
+            vars(C).update(settings)
+            check_ranges(vars(C), RANGES)  # a checkpoint's settings are checked like the command line's
+        check_consistency(C)  # a resumed run's, or a new run's when resume=auto found none (configure skipped it)
+        if ckpt is None:
+            return None, None, None
+        check_layout(C, ckpt["model_args"], path)
+        check_checkpoint(ckpt, path)
+        return ckpt, os.path.dirname(os.path.abspath(path)), lock
+    except BaseException:
+        release_lock(lock)
+        raise
+
+
+def find_run(C, sysinfo):
+    """(checkpoint path, lock) of the run --resume names, or (None, None) for resume=auto in an out_dir
+    without runs. Rank 0 finds the checkpoint and locks its run before it is read, so that a process
+    that saves and exits meanwhile has its last checkpoint read, not the one before; every rank
+    then resumes that one."""
     lock = None
     try:
-        # rank 0 finds the checkpoint and locks its run; every rank then resumes that one
         path = find_checkpoint(C.out_dir if C.resume == "auto" else C.resume) if sysinfo.master else None
         if path is not None:
             lock = lock_run(os.path.dirname(os.path.abspath(path)))
@@ -287,42 +317,35 @@ def resume_run(C, explicit, sysinfo):
                 raise UserError(f"--resume={C.resume}: no checkpoint there (pass a ckpt.pt, a run folder, or auto)")
             if sysinfo.master:
                 print(f"resume=auto: no run in {C.out_dir} yet, starting a new one")
-            check_consistency(C)
-            return None, None, None
-        ckpt = load_checkpoint(path, check_weights=False)  # the weights once the layout is compared (check_layout)
-        missing = [k for k in ("ema", "optimizer", "rng", "config") if k not in ckpt]
-        if missing:
-            raise UserError(
-                f"{path} holds no {', '.join(missing)}: it cannot be resumed exactly; sample from it with "
-                f"sample_diffusion.py, or start a new run (drop --resume)"
-            )
-        stored = ckpt["config"]
-        lacking = [k for k in DEFAULTS if k not in stored]
-        if lacking:
-            raise UserError(
-                f"{path} was written by another version of train_diffusion.py (its settings lack "
-                f"{', '.join(lacking)}): start a new run (drop --resume)"
-            )
-        for k in DEFAULTS:
-            if k in SESSION_KEYS:
-                continue
-            if k in explicit and getattr(C, k) != stored[k]:
-                if k in RUN_KEYS:
-                    raise UserError(
-                        f"--{k}={getattr(C, k)} differs from the resumed run's {stored[k]}: drop it or start a new run"
-                    )
-                if sysinfo.master:
-                    print(f"resuming with {k} {getattr(C, k)} instead of {stored[k]}")
-                continue
-            setattr(C, k, stored[k])
-        check_ranges(vars(C), RANGES)  # a checkpoint's settings are checked like the command line's
-        check_consistency(C)
-        check_layout(C, ckpt["model_args"], path)
-        check_checkpoint(ckpt, path)
-        return ckpt, os.path.dirname(os.path.abspath(path)), lock
+        return path, lock
     except BaseException:
         release_lock(lock)
         raise
+
+
+def merge_settings(stored, given, explicit, path):
+    """(settings, changes): the run's stored settings, except this invocation's (SESSION_KEYS) and
+    those given explicitly. Identity keys (RUN_KEYS) must not change; other explicit changes are
+    allowed and come back as (key, given, stored) for the caller to print. Touches nothing."""
+    lacking = [k for k in DEFAULTS if k not in stored]
+    if lacking:
+        raise UserError(
+            f"{path} was written by another version of train_diffusion.py (its settings lack "
+            f"{', '.join(lacking)}): start a new run (drop --resume)"
+        )
+    settings, changes = dict(given), []
+    for k in DEFAULTS:
+        if k in SESSION_KEYS:
+            continue
+        if k in explicit and given[k] != stored[k]:
+            if k in RUN_KEYS:
+                raise UserError(
+                    f"--{k}={given[k]} differs from the resumed run's {stored[k]}: drop it or start a new run"
+                )
+            changes.append((k, given[k], stored[k]))
+            continue
+        settings[k] = stored[k]
+    return settings, changes
 
 
 def check_layout(C, model_args, path):
@@ -362,9 +385,23 @@ def resolve_auto(C, sysinfo):
 # Model, EMA, optimizer; restored from the checkpoint when resuming
 
 
-def build_training(C, D, ckpt, sysinfo):
+@dataclasses.dataclass
+class TrainState:
+    """The model and what trains it, built by build_training; restored from the checkpoint when resuming."""
+
+    model_config: UNetConfig
+    model: UNet  # the weights the optimizer updates
+    ema: UNet  # their exponential moving average: what evaluations and sample grids draw with
+    train_model: torch.nn.Module  # `model` as the loss calls it: compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: NoiseScheduler  # the noise schedule and the prediction target
+    step: int  # the next step to train: 0, or the checkpoint's
+    wandb_id: str | None  # the W&B run to continue, if any
+
+
+def build_training(C, data, ckpt, sysinfo):
     dev = sysinfo.device
-    model_cfg = dataclasses.replace(unet_config(C), context_dim=D.context_dim)
+    model_cfg = dataclasses.replace(unet_config(C), context_dim=data.context_dim)
     # NHWC: the recipes' U-Nets train faster in channels_last than in NCHW, on CUDA and on the CPU
     # (docs/performance.md)
     layout = torch.channels_last
@@ -387,16 +424,7 @@ def build_training(C, D, ckpt, sysinfo):
 
         train_model = DistributedDataParallel(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     scheduler = NoiseScheduler(C.num_timesteps, C.prediction_type).to(dev)
-    return SimpleNamespace(
-        cfg=model_cfg,
-        model=model,
-        ema=ema,
-        train_model=train_model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        step=step,
-        wandb_id=wandb_id,
-    )
+    return TrainState(model_cfg, model, ema, train_model, optimizer, scheduler, step, wandb_id)
 
 
 def lr_at(step, C):
@@ -438,7 +466,9 @@ def start(C, explicit, sysinfo):
                 check_output_dir(C.out_dir)
                 run_dir = created = new_run_dir(C.out_dir, os.path.basename(C.dataset.rstrip("/")))
             lock = lock_run(run_dir)
-        return train(C, sysinfo, stop, ckpt, run_dir)
+        data, state, evaluator, wandb_run = setup(C, sysinfo, stop, ckpt, run_dir)
+        del ckpt  # its tensors now live in the model and the optimizer
+        return train(C, sysinfo, stop, run_dir, data, state, evaluator, wandb_run)
     except OSError as e:
         if e.errno is None:
             raise
@@ -455,26 +485,29 @@ def start(C, explicit, sysinfo):
                 os.rmdir(created)
 
 
-def train(C, sysinfo, stop, ckpt, run_dir):
-    dev, master = sysinfo.device, sysinfo.master
-    D = load_data(C, sysinfo)
-    M = build_training(C, D, ckpt, sysinfo)
-    del ckpt
-    D.real_art = load_real_art(C, D, sysinfo)
-    S = SamplerConfig.from_settings(C)  # the sampler of every evaluation and grid
-    if master:
-        print(run_banner(C, D, M, run_dir, sysinfo))
+def setup(C, sysinfo, stop, ckpt, run_dir):
+    """Before the loop: the data, the model (from ckpt when resuming), the evaluator, the banner, W&B."""
+    data = load_data(C, sysinfo)
+    state = build_training(C, data, ckpt, sysinfo)
+    evaluator = Evaluator(C, data, SamplerConfig.from_settings(C), sysinfo)  # rank 0 evaluates and draws grids
+    if sysinfo.master:
+        print(run_banner(C, data, state, run_dir, sysinfo))
     stop.training = True  # from here a stop signal saves a checkpoint and ends the run
-    wandb_run = start_wandb(C, run_dir, M.wandb_id) if master else None
-    model, ema, optimizer, step = M.model, M.ema, M.optimizer, M.step
+    wandb_run = start_wandb(C, run_dir, state.wandb_id) if sysinfo.master else None
+    return data, state, evaluator, wandb_run
 
-    # -------------------------------------------------------------------------- training loop
-    bar = tqdm(total=C.max_steps, initial=step, desc="training", disable=not master, dynamic_ncols=True)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+
+def train(C, sysinfo, stop, run_dir, data, state, evaluator, wandb_run):
+    """The training loop: lr, then checkpoint / evaluate / sample when due, then batch, loss, step,
+    EMA, log. All randomness of step k comes from (seed, k) (get_batch), except dropout's masks,
+    which each rank draws from its own RNG stream (restored per rank on resume)."""
+    master = sysinfo.master
+    model, ema, optimizer, step = state.model, state.ema, state.optimizer, state.step
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    nonfinite = torch.zeros((), dtype=torch.bool, device=sysinfo.device)
     last_good_step, loss_ema, imgs_per_s = step, None, 0.0
     busy = 0.0  # seconds in training steps since the last log
-    ema_params, model_params = list(ema.parameters()), list(model.parameters())
-    rng_dev = dev if dev.type == "cuda" else torch.device("cpu")  # on mps the step's draws come from the CPU
+    bar = tqdm(total=C.max_steps, initial=step, desc="training", disable=not master, dynamic_ncols=True)
     model.train()
     while True:
         lr_now = lr_at(step, C)
@@ -486,54 +519,33 @@ def train(C, sysinfo, stop, ckpt, run_dir):
         saving = (step % C.ckpt_interval == 0 and step > 0) or last or stopping
         if (step % C.log_interval == 0 or saving) and any_rank(sysinfo, nonfinite):  # a sync only now and then
             bar.close()
-            kept = (
-                f"the last good checkpoint (step {last_good_step}) in {run_dir} is kept"
-                if last_good_step > 0
-                else "no checkpoint was written yet"
-            )
-            raise UserError(
-                f"the loss or the gradients became NaN or inf before step {step}: training stopped; {kept}. "
-                f"Lower --lr or raise --warmup_steps"
-            )
+            raise diverged(step, last_good_step, run_dir)
         # the checkpoint first: a stop signal (a scheduler's grace period) must not wait for an evaluation,
         # which a stopped run skips (resuming evaluates this step); evaluation leaves training's random streams alone
         if saving:
-            state = checkpoint_state(C, M, D, step, sysinfo, wandb_run)  # a collective: every rank takes part
+            ckpt = checkpoint_state(C, state, data, step, sysinfo, wandb_run)  # a collective: every rank takes part
             if master:
-                save_checkpoint(os.path.join(run_dir, CKPT_NAME), state)
+                save_checkpoint(os.path.join(run_dir, CKPT_NAME), ckpt)
             last_good_step = step
         if master and (step % C.eval_interval == 0 or last) and not stopping:
-            t_eval = time.time()
-            log, line = evaluate(C, M, D, S, step, sysinfo, lr_now, loss_ema, imgs_per_s)
-            log["eval/seconds"] = time.time() - t_eval  # so that evaluation's share of the run's minutes stays visible
-            tqdm.write(line)
-            write_log(run_dir, step, log)
-            if wandb_run:
-                wandb_run.log(log, step=step)
+            figures = evaluator(state)
+            train_loss = loss_ema or float("nan")
+            tqdm.write(
+                f"step {step}: val loss {figures['val/loss']:.4f}, train loss {train_loss:.4f}, lr {lr_now:.2e}, "
+                f"{imgs_per_s:.0f} img/s" + figures_line(figures, evaluator.sampler.guidance_scale)
+            )
+            write_log(run_dir, step, figures, wandb_run)
         if master and ((step % C.sample_interval == 0 and step > 0) or last) and not stopping:
-            save_samples(C, M, D, S, step, sysinfo, run_dir, wandb_run)
+            save_samples(C, state, data, evaluator.sampler, step, sysinfo, run_dir, wandb_run)
         if last or stopping:
             break
 
-        # forward, backward, step. All randomness of step k is drawn for the global batch from
-        # (seed, k) and each rank takes its slice: resumable, and identical to one big process except for
-        # dropout's masks, which each rank draws from its own RNG stream (restored per rank on resume).
         t_step = time.time()
-        G, B = C.batch_size * sysinfo.world, C.batch_size
-        g = torch.Generator(device=rng_dev).manual_seed(C.seed * 1_000_003 + step)
-        drop = (torch.rand(G, generator=g, device=rng_dev) < C.p_uncond).to(dev)
-        flip = (torch.rand(G, generator=g, device=rng_dev) < 0.5).to(dev)
-        t = torch.randint(0, C.num_timesteps, (G,), generator=g, device=rng_dev).to(dev)
-        noise = torch.randn((G, *D.train_images.shape[1:]), generator=g, device=rng_dev).to(dev)
-        mine = slice(sysinfo.rank * B, (sysinfo.rank + 1) * B)
-        idx = global_batch_indices(step, len(D.train_images), G, C.seed)[mine].to(dev)
-        x0 = D.train_images[idx].float() / 127.5 - 1  # (B, 3, S, S) in [-1, 1]
-        x0 = torch.where((flip[mine] & D.train_can_flip[idx])[:, None, None, None], x0.flip(3), x0)
-        r = torch.where(drop[mine], 0, D.train_rows[idx])  # caption dropout: row 0 is the empty caption
+        x0, context, mask, t, noise = get_batch(
+            data, step, C.seed, sysinfo.rank, sysinfo.world, C.batch_size, C.p_uncond, C.num_timesteps
+        )
         with sysinfo.autocast:
-            loss = diffusion_loss(
-                M.train_model, M.scheduler, x0, D.ctx_table[r], D.ctx_mask[r], t[mine], noise[mine], C.min_snr_gamma
-            )
+            loss = diffusion_loss(state.train_model, state.scheduler, x0, context, mask, t, noise, C.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)
@@ -555,22 +567,36 @@ def train(C, sysinfo, stop, ckpt, run_dir):
                 "train/grad_norm": grad_norm.item(),
                 "train/images_per_s": imgs_per_s,
             }
-            write_log(run_dir, step, log)
-            if wandb_run:
-                wandb_run.log(log, step=step)
+            write_log(run_dir, step, log, wandb_run)
         bar.update(1)
     bar.close()
+    return finish(sysinfo, stop, model, run_dir, wandb_run, step, stopped=stopping and not last)
 
+
+def diverged(step, last_good_step, run_dir):
+    kept = (
+        f"the last good checkpoint (step {last_good_step}) in {run_dir} is kept"
+        if last_good_step > 0
+        else "no checkpoint was written yet"
+    )
+    return UserError(
+        f"the loss or the gradients became NaN or inf before step {step}: training stopped; {kept}. "
+        f"Lower --lr or raise --warmup_steps"
+    )
+
+
+def finish(sysinfo, stop, model, run_dir, wandb_run, step, stopped):
+    """After the loop: the replicas compared, the last line, W&B closed; a stopped run exits as signalled."""
     if sysinfo.ddp:  # DDP keeps replicas in lockstep; check it, as a DDP bug would otherwise pass silently
         check_replicas_identical(sysinfo, model)
-    if master:
-        how = "stopped by signal at" if stopping and not last else "finished at"
+    if sysinfo.master:
+        how = "stopped by signal at" if stopped else "finished at"
         print(f"{how} step {step}; checkpoint {os.path.join(run_dir, CKPT_NAME)}")
     if wandb_run:
         wandb_run.finish()
     if sysinfo.ddp:
         dist.destroy_process_group()
-    if stopping and not last:
+    if stopped:
         sys.exit(128 + (stop.signal or signal.SIGTERM))  # under torchrun another rank may have had the signal
     return run_dir
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from configurator import parse_config, read_config_file, run_cli
 from diffusion_model import UNet, UNetConfig
+from train_diffusion import DEFAULTS as TRAINING_DEFAULTS
 
 DEFAULTS = dict(
     configs="config/shapes_cpu.py,config/shapes_16px.py", steps=10, rounds=5, compile=True, bf16=False, threads=0
@@ -101,7 +102,7 @@ def main(argv):
     print("| config | setup | img/s | ratio to NCHW | first step (s) |")
     print("|---|---|---|---|---|")
     for path in C.configs.split(","):
-        recipe = read_config_file(path, None)
+        recipe = {**TRAINING_DEFAULTS, **read_config_file(path, TRAINING_DEFAULTS)}  # a recipe names its differences
         cfg = UNetConfig(context_dim=384, **{k: recipe[k] for k in MODEL_KEYS if k in recipe})
         B = recipe["batch_size"]
         setups = {"NCHW": (False, False, False), "channels_last": (True, False, False)}

@@ -17,9 +17,9 @@ in it goes first, where train_diffusion.py wants it).
 
 The arithmetic, all from cProfile's cumulative times of calls made directly by train(), the function that
 holds the loop:
-- loop time = train's total minus its calls to the setup and end-of-run work listed in SETUP_AND_END
-  below (data set, text encoder and caption embeddings, model/EMA/optimizer construction,
-  evaluation, samples, checkpoint, W&B). train's own Python lines count as loop time.
+- loop time = train's total minus its calls to the checkpoint, evaluation, sample and end-of-run work
+  listed in SETUP_AND_END below (the data set, text encoder and model are built by setup(), before
+  train()). train's own Python lines count as loop time.
 - forward = diffusion_loss (q_sample + U-Net forward + MSE) as called by train (validation calls it
   too, from validation_loss, and those are not counted); backward = torch.Tensor.backward;
   optimizer = optimizer.step + zero_grad + clip_grad_norm_ (clipping counts as optimizer).
@@ -50,16 +50,14 @@ DEFAULTS = dict(max_steps=60, extra="", save_stats="", load_stats="", top=8)
 
 # train()'s direct calls that are setup or end-of-run work, as (file, function) of the profile.
 SETUP_AND_END = {
-    ("image_data.py", "load_data"): "data set, text encoder and caption embeddings",
-    ("train_diffusion.py", "build_training"): "model construction (UNet x2, AdamW, NoiseScheduler)",
-    ("evaluation.py", "start_wandb"): "W&B",
-    ("evaluation.py", "evaluate"): "evaluation (validation loss, shapes adherence)",
+    ("evaluation.py", "__call__"): "evaluation (validation loss, shapes adherence)",  # the Evaluator
     ("checkpoints.py", "checkpoint_state"): "checkpoint (state dicts)",
     ("checkpoints.py", "save_checkpoint"): "checkpoint (written atomically)",
     ("evaluation.py", "write_log"): "evaluation",
     ("module.py", "parameters"): "model construction",
     ("module.py", "train"): "model construction",
     ("evaluation.py", "save_samples"): "samples",
+    ("train_diffusion.py", "finish"): "end of run (W&B, the last line)",
     ("asyncio.py", "__init__"): "progress bar (tqdm)",
     ("std.py", "write"): "progress bar (tqdm.write of the evaluation lines)",
     ("std.py", "close"): "progress bar (tqdm)",

@@ -356,6 +356,39 @@ def test_a_config_file_after_an_override_is_refused(capsys, sandbox):
     assert "comes after a --key=value" in line, line
 
 
+def test_a_config_file_layered_on_a_base_changes_only_what_it_names(sandbox):
+    """`base = "other.py"` reads the other file first (relative to this one); this file's lines win."""
+    write(sandbox / "first.py", 'dataset = "shapes"\nlr = 1e-3\nmax_steps = 50\n')
+    (sandbox / "more").mkdir()
+    path = write(sandbox / "more" / "second.py", '"""doc"""\nbase = "../first.py"\nlr = 5e-4\n')
+    assert configurator.read_config_file(path, td.DEFAULTS) == dict(dataset="shapes", lr=5e-4, max_steps=50)
+    C, explicit = td.configure([path])
+    assert (C.dataset, C.lr, C.max_steps) == ("shapes", 5e-4, 50) and explicit == {"dataset", "lr", "max_steps"}
+    shipped = os.path.join(ROOT, "config", "shapes_16px.py")
+    recipe = configurator.read_config_file(os.path.join(ROOT, "config", "shapes_cpu.py"), td.DEFAULTS)
+    layered = configurator.read_config_file(shipped, td.DEFAULTS)
+    assert {k: v for k, v in layered.items() if recipe.get(k) != v} == dict(
+        image_size=16, patch_size=1, steps=50, eta=1.0
+    )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('lr = 1e-3\nbase = "first.py"\n', "base must come first"),
+        ("base = 3\n", "base must come first and name a config file"),
+        ('base = "loop.py"\n', "is its own base"),
+        ('base = "nowhere.py"\n', "nowhere.py does not exist"),
+    ],
+    ids=["not-first", "not-a-name", "loop", "missing"],
+)
+def test_a_bad_base_line_is_one_line(capsys, sandbox, text, expected):
+    write(sandbox / "first.py", "lr = 1e-3\n")
+    path = write(sandbox / "loop.py", text)
+    line = assert_refused_in_one_line(capsys, td.main, [path, f"--out_dir={sandbox / 'out'}"], sandbox, expected)
+    assert "loop.py" in line, line
+
+
 def test_config_file_then_overrides(capsys):
     path = os.path.join(ROOT, "config", "shapes_cpu.py")
     from_file = configurator.read_config_file(path, td.DEFAULTS)

@@ -185,3 +185,55 @@ def test_flips_setting_turns_off_mirroring_where_captions_allow_it(tiny, tmp_pat
     sysinfo = SimpleNamespace(device=torch.device("cpu"), master=True, world=1)
     can_flip = image_data.load_data(C, sysinfo).train_can_flip
     assert len(can_flip) > 0 and can_flip.tolist() == [flips] * len(can_flip)
+
+
+def fake_data(n=40, size=8, rows=5):
+    """A Data of random images and captions, no encoder: enough for get_batch."""
+    g = torch.Generator().manual_seed(7)
+    R, L, dim = rows, 3, 4  # caption rows, tokens, width
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    empty = (torch.zeros(1, L, dim), torch.zeros(1, L, dtype=torch.bool))
+    return image_data.Data(
+        name="fake",
+        context_dim=dim,
+        ctx_table=torch.randn(R, L, dim, generator=g),
+        ctx_mask=torch.ones(R, L, dtype=torch.bool),
+        train_images=images,
+        train_rows=torch.randint(1, R, (n,), generator=g),
+        train_can_flip=torch.rand(n, generator=g) < 0.5,
+        val_images=images[:2],
+        val_rows=torch.ones(2, dtype=torch.long),
+        sample_prompts=["x"],
+        sample_cond=empty,
+        sample_uncond=empty,
+    )
+
+
+def test_a_batch_depends_only_on_seed_step_and_rank():
+    """get_batch without a training run: the same (seed, step, rank) gives the same batch whatever
+    the global RNG did meanwhile; another step or seed gives another; the ranks' slices of a global
+    batch are what one process with the whole batch draws; x0 is the stored images in [-1, 1]."""
+    data = fake_data()
+    draw = lambda seed, step, rank=0, world=1, batch=8: image_data.get_batch(
+        data, step, seed, rank, world, batch, 0.3, 50
+    )
+    first = draw(0, 3)
+    torch.manual_seed(123)
+    torch.rand(100)  # the global stream moves: the batch must not
+    again = draw(0, 3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    for other in (draw(0, 4), draw(1, 3)):
+        assert not torch.equal(first[0], other[0]) and not torch.equal(first[4], other[4])
+    whole = draw(0, 5, batch=8)
+    halves = [draw(0, 5, rank=r, world=2, batch=4) for r in (0, 1)]
+    for k, part in enumerate(whole):  # x0, context, mask, t, noise
+        assert torch.equal(torch.cat([halves[0][k], halves[1][k]]), part), k
+    x0, context, mask, t, noise = whole
+    B, C, H, W = x0.shape
+    assert (B, C, H, W) == (8, 3, 8, 8) and noise.shape == x0.shape and t.shape == (8,) and 0 <= t.min() <= t.max() < 50
+    idx = image_data.global_batch_indices(5, len(data.train_images), 8, 0)
+    stored = image_data.to_model_range(data.train_images[idx])
+    assert all(
+        torch.equal(x, s) or (torch.equal(x, s.flip(2)) and data.train_can_flip[i]) for x, s, i in zip(x0, stored, idx)
+    )
+    assert x0.min() >= -1 and x0.max() <= 1

@@ -98,7 +98,9 @@ class Killed(BaseException):
     """The scheduler's SIGKILL after its grace period, simulated: nothing catches it."""
 
 
-@pytest.mark.parametrize("where, busy", [(td, "evaluate"), (evaluation, "save_grid")], ids=["evaluate", "save_grid"])
+@pytest.mark.parametrize(
+    "where, busy", [(evaluation.Evaluator, "__call__"), (evaluation, "save_grid")], ids=["evaluate", "save_grid"]
+)
 def test_a_stop_signal_on_an_evaluation_step_saves_before_evaluating(
     tiny, train_in_process, tmp_path, monkeypatch, where, busy
 ):
