@@ -100,6 +100,10 @@ prediction_type = "v"  # what the U-Net predicts: v (the velocity, Salimans & Ho
 # training
 batch_size = 64  # per process: under torchrun the global batch is batch_size * number of GPUs
 max_steps = 30000
+# > 0: a time budget for the training loop in minutes, evaluations included (not the data loading before it). The run
+# times its steps BUDGET_STEPS and its first evaluation, then sets max_steps to what fits (printed, and stored in the
+# checkpoint, so resume and DDP stay exact)
+max_minutes = 0.0
 lr = 2e-4  # peak learning rate, after linear warmup, then cosine decay to min_lr at max_steps
 min_lr = 2e-5
 warmup_steps = 500
@@ -157,6 +161,7 @@ RANGES = dict(
     prediction_type=("v", "eps"),
     batch_size="[1, 65536]",
     max_steps="[1, 1e9]",
+    max_minutes="[0, 1e7]",
     lr="(0, 1]",
     min_lr="[0, 1]",
     warmup_steps="[0, 1e9]",
@@ -345,6 +350,11 @@ def merge_settings(stored, given, explicit, path):
             changes.append((k, given[k], stored[k]))
             continue
         settings[k] = stored[k]
+    if stored["max_minutes"] and settings["max_minutes"] == stored["max_minutes"]:
+        # the run's time budget fixed its max_steps: the same budget again (a recipe file names its max_steps too)
+        # keeps that end; a new end is --max_minutes=0 with --max_steps
+        settings["max_steps"] = stored["max_steps"]
+        changes = [c for c in changes if c[0] != "max_steps"]
     return settings, changes
 
 
@@ -427,6 +437,26 @@ def build_training(C, data, ckpt, sysinfo):
     return TrainState(model_cfg, model, ema, train_model, optimizer, scheduler, step, wandb_id)
 
 
+# The steps that a time budget times: after the first few (allocations, caches), and inside every recipe's warmup,
+# where the learning rate does not depend on max_steps, so that fixing it there changes no earlier step.
+BUDGET_STEPS = range(10, 60)
+
+
+def steps_in_budget(C, step, elapsed, seconds_per_step, seconds_per_eval):
+    """max_steps for the time budget C.max_minutes: at `step`, `elapsed` seconds into the loop, each
+    further step costs seconds_per_step and each evaluation (every eval_interval steps and at the end)
+    seconds_per_eval. The largest N with elapsed + (N - step) * seconds_per_step + evals(N) * seconds_per_eval
+    within the budget, and at least one step more than `step`."""
+    left = C.max_minutes * 60 - elapsed
+    evals = lambda n: n // C.eval_interval - step // C.eval_interval + (n % C.eval_interval != 0)
+    cost = lambda n: (n - step) * seconds_per_step + evals(n) * seconds_per_eval  # grows with n
+    lo, hi = step + 1, step + 1 + max(0, int(left / seconds_per_step))  # cost(hi) > left unless lo fits nothing
+    while lo < hi:  # bisection: the largest n in [lo, hi] with cost(n) <= left (lo if none)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
+    return lo
+
+
 def lr_at(step, C):
     """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
     if step < C.warmup_steps:
@@ -507,6 +537,7 @@ def train(C, sysinfo, stop, run_dir, data, state, evaluator, wandb_run):
     nonfinite = torch.zeros((), dtype=torch.bool, device=sysinfo.device)
     last_good_step, loss_ema, imgs_per_s = step, None, 0.0
     busy = 0.0  # seconds in training steps since the last log
+    t_loop, timed, eval_seconds = time.time(), [], None  # for a time budget (max_minutes): the loop's seconds
     bar = tqdm(total=C.max_steps, initial=step, desc="training", disable=not master, dynamic_ncols=True)
     model.train()
     while True:
@@ -535,6 +566,11 @@ def train(C, sysinfo, stop, run_dir, data, state, evaluator, wandb_run):
                 f"{imgs_per_s:.0f} img/s" + figures_line(figures, evaluator.sampler.guidance_scale)
             )
             write_log(run_dir, step, figures, wandb_run)
+            eval_seconds = eval_seconds or figures["eval/seconds"]
+        if C.max_minutes and step == BUDGET_STEPS.stop:  # every rank takes rank 0's answer: one max_steps
+            C.max_steps = bar.total = from_rank0(
+                sysinfo, budget_line(C, step, time.time() - t_loop, timed, eval_seconds) if master else None
+            )
         if master and ((step % C.sample_interval == 0 and step > 0) or last) and not stopping:
             save_samples(C, state, data, evaluator.sampler, step, sysinfo, run_dir, wandb_run)
         if last or stopping:
@@ -557,6 +593,8 @@ def train(C, sysinfo, stop, run_dir, data, state, evaluator, wandb_run):
         if step % C.log_interval == 0:  # .item() waits for the GPU, so `busy` counts its work, not only the launches
             lossf = all_mean(sysinfo, loss.detach()) if sysinfo.ddp else loss.item()
         busy += time.time() - t_step
+        if step - 1 in BUDGET_STEPS:
+            timed.append(time.time() - t_step)
         if step % C.log_interval == 0 and master:
             imgs_per_s, busy = C.log_interval * C.batch_size * sysinfo.world / busy, 0.0
             loss_ema = lossf if loss_ema is None else 0.9 * loss_ema + 0.1 * lossf
@@ -571,6 +609,19 @@ def train(C, sysinfo, stop, run_dir, data, state, evaluator, wandb_run):
         bar.update(1)
     bar.close()
     return finish(sysinfo, stop, model, run_dir, wandb_run, step, stopped=stopping and not last)
+
+
+def budget_line(C, step, elapsed, timed, eval_seconds):
+    """max_steps for the time budget, from the seconds of the steps BUDGET_STEPS (those this process
+    ran) and of the first evaluation; says so in one line."""
+    per_step = sum(timed) / max(1, len(timed))
+    per_eval = eval_seconds or 0.0  # a run resumed after its first evaluation has not timed one
+    n = steps_in_budget(C, step, elapsed, per_step, per_eval)
+    tqdm.write(
+        f"time budget {C.max_minutes:g} min: {C.batch_size / per_step:.0f} img/s over steps {BUDGET_STEPS.start}-"
+        f"{BUDGET_STEPS.stop - 1}, {per_eval:.0f} s an evaluation -> max_steps {n} (instead of {C.max_steps})"
+    )
+    return n
 
 
 def diverged(step, last_good_step, run_dir):

@@ -3,6 +3,7 @@ written out here, lr_at against the schedule's formulas, caption dropout and fli
 batches the loop feeds the loss, evaluation against a run without it. In process, on tiny runs."""
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -237,3 +238,43 @@ def test_a_batch_depends_only_on_seed_step_and_rank():
         torch.equal(x, s) or (torch.equal(x, s.flip(2)) and data.train_can_flip[i]) for x, s, i in zip(x0, stored, idx)
     )
     assert x0.min() >= -1 and x0.max() <= 1
+
+
+def test_steps_in_budget_is_the_largest_run_that_fits():
+    """steps_in_budget against a search over every candidate end step, with its evaluations counted
+    one by one (every eval_interval steps after `step`, and one at the end)."""
+
+    def fits(C, step, elapsed, per_step, per_eval, n):
+        evals = sum(1 for k in range(step + 1, n + 1) if k % C.eval_interval == 0 or k == n)
+        return elapsed + (n - step) * per_step + evals * per_eval <= C.max_minutes * 60
+
+    for minutes, interval, elapsed, per_step, per_eval in [
+        (10, 100, 30, 0.5, 20),
+        (3, 200, 40, 0.24, 35),
+        (1, 7, 5, 0.01, 0.3),
+        (5, 1000, 2, 0.05, 0.0),
+    ]:
+        C = SimpleNamespace(max_minutes=minutes, eval_interval=interval)
+        n = td.steps_in_budget(C, 60, elapsed, per_step, per_eval)
+        best = max(
+            k for k in range(61, 60 + int(minutes * 60 / per_step) + 2) if fits(C, 60, elapsed, per_step, per_eval, k)
+        )
+        assert n == best, (minutes, n, best)
+    # a budget already spent still trains one more step, to its end
+    assert td.steps_in_budget(SimpleNamespace(max_minutes=0.001, eval_interval=10), 60, 100, 1.0, 1.0) == 61
+
+
+def test_a_time_budget_sets_max_steps_once_and_the_checkpoint_keeps_it(tiny, train_in_process, tmp_path, capsys):
+    import checkpoints
+
+    argv = tiny + [f"--out_dir={tmp_path}", "--max_steps=100000", "--max_minutes=0.05", "--eval_interval=40"]
+    run_dir = train_in_process(argv)
+    out = capsys.readouterr()
+    line = [ln for ln in (out.out + out.err).splitlines() if ln.startswith("time budget 0.05 min")]
+    assert len(line) == 1 and "(instead of 100000)" in line[0], line
+    fitted = int(line[0].split("max_steps ")[1].split()[0])
+    ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    assert ckpt["step"] == ckpt["config"]["max_steps"] == fitted > 60
+    # resuming takes the stored max_steps: the run is finished, nothing is trained again
+    assert train_in_process(tiny + [f"--out_dir={tmp_path}", "--resume=auto", "--max_minutes=0.05"]) == run_dir
+    assert "finished at step" in capsys.readouterr().out
