@@ -171,3 +171,22 @@ def two_ranks():
             return dict(results)
 
     return run
+
+
+def user_error(fn, *args):
+    """Run fn(*args), expect a UserError, check that it is one line, return its text."""
+    import configurator
+
+    with pytest.raises(configurator.UserError) as e:
+        fn(*args)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.strip(), msg
+    return msg
+
+
+def the_error_line(stderr):
+    """The one `error:` line of a script that exited with code 2 (tqdm bars share stderr)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]

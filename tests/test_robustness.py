@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import the_error_line, user_error
 
 import checkpoints
-import configurator
 import image_data
 import sample_diffusion as sd
 import text_encoders
@@ -30,23 +30,6 @@ import train_diffusion as td
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread on a shared 2-core machine
-
-
-def user_error(fn, *args):
-    """Run fn(*args), expect a UserError, check that it is one line, return its text."""
-    with pytest.raises(configurator.UserError) as e:
-        fn(*args)
-    msg = str(e.value)
-    assert "\n" not in msg and msg.strip(), msg
-    return msg
-
-
-def the_error_line(stderr):
-    """The one `error:` line of a script that exited with code 2 (tqdm bars share stderr)."""
-    assert "Traceback" not in stderr, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
