@@ -22,5 +22,3 @@ min_lr = 1e-4
 warmup_steps = 100
 max_steps = 3000  # 3000 x 32 = 96,000 images, about 5 passes over the 19,744 training images
 eval_interval = 1000
-steps = 25  # the in-training judge and grids use the sampler the adherence goal is judged with, deterministic
-eta = 0.0  # DDIM-25: half the U-Net evaluations of the default DDIM-50

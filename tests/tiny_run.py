@@ -13,6 +13,7 @@ prediction_type = "v"
 min_lr = 1e-4
 max_steps = 3000
 eval_interval = 1000
+sampler = "ddim"
 eta = 0.0
 sample_interval = 1000
 ckpt_interval = 1000
