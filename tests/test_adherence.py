@@ -10,6 +10,7 @@ import torch
 import checkpoints
 import shapes
 import text_encoders
+from diffusion_model import SamplerConfig
 
 # the 16 px CPU recipe (the quick one), shortened to fit a test (README, "Results": position reaches 1.00 on the
 # in-training judge by step 1000 of the recipe)
@@ -21,6 +22,7 @@ RECIPE = [
     "--ckpt_interval=100000",
 ]
 TEST_STEPS = 1500
+DDIM25 = SamplerConfig("ddim", steps=25, eta=0.0)
 
 
 @pytest.mark.slow
@@ -35,7 +37,7 @@ def test_trained_model_follows_color_and_position_and_cfg_beats_no_guidance(trai
     )
     score = {0.0: dict(color=0.0, position=0.0), 3.0: dict(color=0.0, position=0.0)}
     for seed in (0, 1):  # two seeds x 27 prompts (seen and held-out pairs), deterministic DDIM-25
-        res = shapes.sample_adherence(model, scheduler, prompts, cond, uncond, (0.0, 3.0), steps=25, seed=seed, eta=0.0)
+        res = shapes.sample_adherence(model, scheduler, prompts, cond, uncond, DDIM25, (0.0, 3.0), seed)
         n_seen, n_held = sum(not p["held_out"] for p in prompts), sum(p["held_out"] for p in prompts)
         for w in score:
             for a in score[w]:

@@ -368,7 +368,7 @@ def test_a_config_file_layered_on_a_base_changes_only_what_it_names(sandbox):
     recipe = configurator.read_config_file(os.path.join(ROOT, "config", "shapes_cpu.py"), td.DEFAULTS)
     layered = configurator.read_config_file(shipped, td.DEFAULTS)
     assert {k: v for k, v in layered.items() if recipe.get(k) != v} == dict(
-        image_size=16, patch_size=1, steps=50, eta=1.0
+        image_size=16, patch_size=1, sampler="ddim", steps=50, eta=1.0
     )
 
 
