@@ -185,6 +185,22 @@ def check_ranges(config, ranges):
             raise UserError(f"--{key}={shown} is out of range: use {describe(spec)}")
 
 
+def read_script_settings(path):
+    """The settings of a script such as train_diffusion.py as data, without importing it (scripts never import
+    scripts): its module-level `key = literal` assignments between `_before_settings = set(globals())` and
+    `DEFAULTS = collect_settings(...)`, the block that collect_settings reads when the script runs."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
+    names = [
+        n.targets[0].id if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) else None for n in tree.body
+    ]
+    start, end = names.index("_before_settings"), names.index("DEFAULTS")
+    return {
+        names[i]: ast.literal_eval(tree.body[i].value)
+        for i in range(start + 1, end)
+        if names[i] is not None and not names[i].startswith("_")
+    }
+
+
 def collect_settings(script_globals, before):
     """A script's settings and their defaults: the globals it defined after `before = set(globals())`
     (names starting with _ excluded). Each must be a value the command line can set."""

@@ -88,6 +88,13 @@ class Evaluator:
             for scale, splits in adh.items():
                 for split, attrs in splits.items():
                     figures.update({f"adherence/w{scale:g}/{split}/{a}": v for a, v in attrs.items()})
+        if data.scene_prompts is not None:  # two objects: count, binding, position
+            scenes = shapes.sample_adherence(
+                state.ema, state.scheduler, data.scene_prompts, *data.scene_cond, S, scales, self.seed, autocast
+            )
+            for scale, splits in scenes.items():
+                for split, attrs in splits.items():
+                    figures.update({f"scenes/w{scale:g}/{split}/{a}": v for a, v in attrs.items()})
         if self.real_art is not None:  # one EMA sample per held-out caption, judged against the held-out art
             t_quality = time.time()
             r = data.val_rows.to(data.ctx_table.device)
@@ -112,6 +119,11 @@ def figures_line(figures, guidance_scale):
         )
         held = lambda scale: figures[f"adherence/w{scale:g}/held_out/color"]
         line += " | held-out color {:.2f}->{:.2f}".format(held(0.0), held(w))
+    if f"scenes/w{w:g}/held_out/binding" in figures:
+        scene = lambda a: "{:.2f}/{:.2f}".format(*(figures[f"scenes/w{w:g}/{s}/{a}"] for s in ("seen", "held_out")))
+        line += f" | two objects (w={w:g}, seen/never-seen pairings): " + " ".join(
+            f"{a} {scene(a)}" for a in ("count", "binding", "position")
+        )
     if "quality/kid" in figures:
         line += " | KID {:.2f} +- {:.2f}, copies {:.2f}".format(
             figures["quality/kid"], figures["quality/kid_std"], figures["quality/copy_share"]

@@ -229,7 +229,7 @@ def load_image_dataset(C):
     """Returns (images uint8 (N, 3, S, S), captions, name, mirrorable (N,) bool) for the dataset that config C names."""
     if C.dataset == "shapes":
         images, captions, _ = shapes.make_shapes_dataset(
-            C.shapes_num_images, C.image_size, seed=C.seed, captions=C.shapes_captions
+            C.shapes_num_images, C.image_size, seed=C.seed, captions=C.shapes_captions, scenes=C.shapes_scenes
         )
         # positions name sides (top left, ...); the centered ones stay unflipped too, as every shapes result was trained
         return images, captions, "shapes", torch.zeros(len(captions), dtype=torch.bool)
@@ -375,6 +375,10 @@ class Data:
     sample_uncond: tuple  # (context, mask) of the empty caption, padded alike
     judge_prompts: list | None = None  # shapes only: the judge's prompts (shapes.eval_prompts())
     judge_cond: tuple | None = None  # shapes only: (cond, uncond) of judge_prompts, as sample_cond and sample_uncond
+    scene_prompts: list | None = (
+        None  # shapes with scenes only: the judge's two-object prompts (shapes.scene_prompts())
+    )
+    scene_cond: tuple | None = None  # (cond, uncond) of scene_prompts
 
 
 def load_data(C, sysinfo):
@@ -393,11 +397,16 @@ def load_data(C, sysinfo):
         )
     dev = sysinfo.device
     # fixed prompts for sample grids: the judge's prompts on shapes, validation captions elsewhere
-    judge_prompts = judge_cond = None
+    judge_prompts = judge_cond = scene_prompts = scene_cond = None
     if C.dataset == "shapes":
         judge_prompts = shapes.eval_prompts()
         judge_cond = embed_prompts(encoder, [p["caption"] for p in judge_prompts], dev)
         sample_prompts = [p["caption"] for p in judge_prompts][:16]
+        if C.shapes_scenes > 0:
+            scene_prompts = shapes.scene_prompts()
+            scene_cond = embed_prompts(encoder, [p["caption"] for p in scene_prompts], dev)
+            # half the grid two-object prompts: 4 never-seen pairings, each beside its swap seen in training
+            sample_prompts = sample_prompts[:8] + [p["caption"] for p in scene_prompts[:32:4]]
     else:
         sample_prompts = [captions[i] for i in val_idx[:8].tolist()]
     sample_cond, sample_uncond = embed_prompts(encoder, sample_prompts, dev)
@@ -416,6 +425,8 @@ def load_data(C, sysinfo):
         sample_uncond=sample_uncond,
         judge_prompts=judge_prompts,
         judge_cond=judge_cond,
+        scene_prompts=scene_prompts,
+        scene_cond=scene_cond,
     )
 
 

@@ -81,6 +81,9 @@ image_size = 0  # 0: the dataset's default (32 for shapes, 64 otherwise)
 shapes_num_images = 20000  # how many images the built-in shapes dataset draws
 # shapes' wordings: varied (templates and synonyms: a user's own wording still works) | six (six fixed templates)
 shapes_captions = "varied"
+# share of the shapes images that are scenes of two shapes in two corners (shapes.make_scenes); the evaluation then
+# also judges two-object prompts, seen and never-seen pairings (count, binding, position)
+shapes_scenes = 0.0
 val_fraction = 0.05  # share of the images held out for the validation loss (fixed seed)
 text_encoder = "auto"  # auto (CLIP if the Hub answers, else minilm) | minilm | a CLIP model id | a local model folder
 # model (the U-Net's UNetConfig; context_dim comes from the text encoder)
@@ -148,6 +151,7 @@ RANGES = dict(
     image_size="[0, 1024]",
     shapes_num_images="[1, 1000000]",
     shapes_captions=("varied", "six"),
+    shapes_scenes="[0, 1]",
     val_fraction="[0, 0.5]",
     text_encoder="nonempty",
     base_channels="[32, 1024]",
@@ -198,7 +202,15 @@ MODEL_KEYS = tuple(
 # keys a resumed run must keep: changing them mid-run would train another model on other data (val_fraction and
 # eval_images split the images: another value would move trained-on images into validation)
 RUN_KEYS = MODEL_KEYS + ("dataset", "image_column", "caption_column", "image_size", "shapes_num_images")
-RUN_KEYS += ("shapes_captions", "val_fraction", "eval_images", "text_encoder", "num_timesteps", "prediction_type")
+RUN_KEYS += (
+    "shapes_captions",
+    "shapes_scenes",
+    "val_fraction",
+    "eval_images",
+    "text_encoder",
+    "num_timesteps",
+    "prediction_type",
+)
 RUN_KEYS += ("seed",)
 # keys that describe this invocation, not the run: never taken from a checkpoint
 SESSION_KEYS = ("resume", "out_dir", "device")

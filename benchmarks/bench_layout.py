@@ -20,6 +20,7 @@ seconds exceed that.
 """
 
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -27,9 +28,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from configurator import parse_config, read_config_file, run_cli
+from configurator import parse_config, read_config_file, read_script_settings, run_cli
 from diffusion_model import UNet, UNetConfig
-from train_diffusion import DEFAULTS as TRAINING_DEFAULTS
+
+# training's settings, read from the script as data: a recipe file names only its differences from them
+TRAINING_DEFAULTS = read_script_settings(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_diffusion.py")
+)
 
 DEFAULTS = dict(
     configs="config/shapes_cpu.py,config/shapes_16px.py", steps=10, rounds=5, compile=True, bf16=False, threads=0

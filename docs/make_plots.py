@@ -8,7 +8,8 @@ the runs overlaid and labelled by their folder names.
 
 train_diffusion.py appends one JSON line per log or evaluation event to <run>/log.jsonl: "step" and
 numbers keyed like the W&B dashboard (train/loss, train/lr, val/loss,
-adherence/w{0,3}/{seen,held_out}/{color,shape,size,position}, eval/seconds, and quality/... for the
+adherence/w{0,3}/{seen,held_out}/{color,shape,size,position}, with scenes
+scenes/w{0,3}/{seen,held_out}/{count,binding,position}, eval/seconds, and quality/... for the
 image metrics of image datasets). Every numeric key that starts with one of --prefixes is plotted.
 """
 
@@ -18,7 +19,7 @@ import math
 import os
 import sys
 
-DEFAULT_PREFIXES = ["val/loss", "adherence/w3/", "quality/"]
+DEFAULT_PREFIXES = ["val/loss", "adherence/w3/", "scenes/w3/", "quality/"]
 
 
 def read_log(path):
@@ -99,7 +100,7 @@ def main(argv=None):
                 ax.plot(steps, values, marker="o" if len(points) < 50 else None, markersize=3, label=label)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
-        if key.startswith("adherence/"):
+        if key.startswith(("adherence/", "scenes/")):
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:

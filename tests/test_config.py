@@ -672,3 +672,23 @@ def test_apples_gpu_trains_the_cpu_recipe_in_fp32_in_one_process(monkeypatch, ca
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(configurator.UserError, match="torchrun with --device=mps"):
         distributed.setup_device(C)
+
+
+def test_the_training_settings_read_as_data_are_the_scripts_defaults():
+    # bench_layout reads them so without importing train_diffusion.py (scripts never import scripts)
+    import configurator
+    import train_diffusion
+
+    assert configurator.read_script_settings(train_diffusion.__file__) == train_diffusion.DEFAULTS
+
+
+def test_no_script_imports_an_entry_script():
+    import ast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    entry = {"train_diffusion", "sample_diffusion"}
+    for path in glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "benchmarks", "*.py")):
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            assert not entry & {n.split(".")[0] for n in names}, f"{path} imports {names}"

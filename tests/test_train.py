@@ -146,6 +146,7 @@ def test_offline_wandb_run_holds_keys_and_image(tiny, tmp_path):
             "--log_interval=1",
             "--sample_interval=4",
             "--eval_interval=4",
+            "--shapes_scenes=0.25",
             f"--out_dir={tmp_path}",
         ]
     )
@@ -163,6 +164,7 @@ def test_offline_wandb_run_holds_keys_and_image(tiny, tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "val/loss"} <= keys, keys
     assert {"samples/_type", "samples/path", "samples/caption"} <= keys  # the image, stored flattened
     assert {"adherence/w3/seen/color", "adherence/w0/held_out/position"} <= keys
+    assert {"scenes/w3/held_out/binding", "scenes/w0/seen/count", "scenes/w3/seen/position"} <= keys
     assert {"lr", "batch_size", "dataset", "text_encoder"} <= config, config
     assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "files", "media", "images", "samples_*.png"))
 
