@@ -137,7 +137,10 @@ MODEL_ARGS = dict(
     pos_embed="bool",
     coord_conv="bool",
     patch_size="[1, 64]",
+    text_layers="[0, 64]",
 )
+# U-Net settings added after checkpoints were written without them: absent means the U-Net before them
+ADDED_MODEL_ARGS = dict(text_layers=0)
 
 
 def check_checkpoint(ckpt, path, check_weights=True):
@@ -179,6 +182,8 @@ def check_checkpoint(ckpt, path, check_weights=True):
     args = ckpt["model_args"]
     if not isinstance(args, dict):
         bad("model_args", args, "a dict of the U-Net's settings")
+    for key, before in ADDED_MODEL_ARGS.items():
+        args.setdefault(key, before)
     unknown = [k for k in args if k not in MODEL_ARGS]
     if unknown:
         raise UserError(

@@ -204,6 +204,33 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(h)
 
 
+class TextLayer(nn.Module):
+    """A pre-norm Transformer layer over the frozen encoder's caption tokens (B, L, D), trained with the U-Net:
+    self-attention among the real tokens (padding masked), then a feed-forward. A frozen sentence encoder spreads
+    each word over the whole caption; this lets the model gather, say, "red circle" into the tokens of "top left"
+    of the same phrase, so that an image token that looks up its place also finds what goes there. Both branches
+    start at zero (the layer starts as the identity)."""
+
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        assert dim % n_heads == 0, f"text width {dim} must divide into {n_heads} heads"
+        self.n_heads = n_heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = zero_init(nn.Linear(dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, mult=2)
+        zero_init(self.ff.out)
+
+    def forward(self, context, mask=None):
+        B, L, D = context.shape
+        q, k, v = self.qkv(self.norm1(context)).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, L): real tokens as keys
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, L, D/heads)
+        context = context + self.out(h.transpose(1, 2).reshape(B, L, D))
+        return context + self.ff(self.norm2(context))
+
+
 # -----------------------------------------------------------------------------
 # 4. The U-Net
 
@@ -222,6 +249,7 @@ class UNetConfig:
     pos_embed: bool = False  # add a fixed 2D sin-cos position to the image tokens of every SpatialTransformer
     coord_conv: bool = False  # feed conv_in two extra channels holding each pixel's (x, y) in [-1, 1] (CoordConv)
     patch_size: int = 1  # > 1: the U-Net works on cells of p x p pixels (PixelUnshuffle in, PixelShuffle out)
+    text_layers: int = 0  # TextLayers over the caption tokens before any cross-attention reads them
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)
@@ -315,6 +343,8 @@ class UNet(nn.Module):
         self.fold, self.unfold = (nn.PixelUnshuffle(p), nn.PixelShuffle(p)) if p > 1 else (nn.Identity(), nn.Identity())
         self.conv_in = nn.Conv2d((cfg.in_channels + (2 if cfg.coord_conv else 0)) * p * p, ch, 3, padding=1)
 
+        self.text_layers = nn.ModuleList([TextLayer(cfg.context_dim, cfg.n_heads) for _ in range(cfg.text_layers)])
+
         self.down = nn.ModuleList()
         skip_chs = [ch]
         res = lambda level: size // 2**level  # side of the feature maps at a level
@@ -363,6 +393,8 @@ class UNet(nn.Module):
         B, C, H, W = x.shape
         assert H == W == self.cfg.image_size, f"expected {self.cfg.image_size}px images, got {H}x{W}"
         temb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))  # (B, 4*base)
+        for layer in self.text_layers:
+            context = layer(context, context_mask)  # (B, L, D)
 
         if self.coords is not None:
             x = torch.cat([x, self.coords.to(x.dtype).expand(B, -1, -1, -1)], dim=1)  # (B, 3 + 2, H, W)

@@ -98,6 +98,8 @@ pos_embed = True
 coord_conv = False  # (x, y) coordinate channels into conv_in (CoordConv)
 # > 1: the U-Net works on p x p cells of pixels, about p^2 times cheaper a step; loss and samples stay at full size
 patch_size = 1
+# > 0: Transformer layers over the caption's tokens, trained with the U-Net, before cross-attention reads them
+text_layers = 0
 num_timesteps = 1000
 prediction_type = "v"  # what the U-Net predicts: v (the velocity, Salimans & Ho) | eps (the noise, Ho et al.)
 # training
@@ -163,6 +165,7 @@ RANGES = dict(
     pos_embed="bool",
     coord_conv="bool",
     patch_size="[1, 16]",
+    text_layers="[0, 16]",
     num_timesteps="[2, 100000]",
     prediction_type=("v", "eps"),
     batch_size="[1, 65536]",

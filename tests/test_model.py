@@ -283,8 +283,9 @@ def test_patches_are_the_small_unet_on_folded_pixels():
         UNetConfig(image_size=30, patch_size=2, channel_mults=(1, 2))
 
 
-def test_padded_tokens_are_ignored_and_real_tokens_matter():
-    model = tiny_unet()
+@pytest.mark.parametrize("text_layers", [0, 2])
+def test_padded_tokens_are_ignored_and_real_tokens_matter(text_layers):
+    model = tiny_unet(text_layers=text_layers)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([100, 700])
     ctx, mask = text(2, 6, real=3)
     out = model(x, t, ctx, mask)
@@ -294,6 +295,32 @@ def test_padded_tokens_are_ignored_and_real_tokens_matter():
     real = ctx.clone()
     real[:, 1] += 5.0  # a real token
     assert (model(x, t, real, mask) - out).abs().max() > 1e-3
+
+
+def test_text_layers_start_as_the_identity():
+    # zero-initialised output branches: a fresh U-Net with text layers predicts what the same U-Net without them does
+    torch.manual_seed(0)
+    plain = UNet(UNetConfig(image_size=16, **TINY)).eval()
+    layered = UNet(UNetConfig(image_size=16, text_layers=2, **TINY)).eval()
+    missing, unexpected = layered.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("text_layers.") for k in missing)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
+    ctx, mask = text(2, 6, real=4)
+    assert torch.equal(layered(x, t, ctx, mask), plain(x, t, ctx, mask))
+
+
+def test_a_text_layer_on_a_padded_caption_is_the_layer_on_the_caption_alone():
+    from diffusion_model import TextLayer
+
+    torch.manual_seed(0)
+    layer = TextLayer(16, 2).eval()
+    for p in (layer.out.weight, layer.ff.out.weight):  # zero-initialised: randomise, or it is the identity
+        torch.nn.init.normal_(p, std=0.3)
+    ctx, mask = text(2, 7, real=4)
+    out = layer(ctx, mask)
+    alone = layer(ctx[:, :4])  # the same caption without its padding
+    assert torch.allclose(out[:, :4], alone, atol=1e-6)
+    assert (out[:, :4] - ctx[:, :4]).abs().max() > 1e-2  # it does change the tokens
 
 
 # ----------------------------------------------------------------------------- samplers
