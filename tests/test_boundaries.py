@@ -250,6 +250,13 @@ def test_each_checkpoint_field_is_checked_in_one_line(tmp_path, good_ckpt, case)
     assert expected in user_error(checkpoints.load_checkpoint, str(path))
 
 
+def test_a_checkpoint_written_before_text_layers_loads_as_the_u_net_without_them(tmp_path, good_ckpt):
+    ckpt = {**good_ckpt, "model_args": {k: v for k, v in good_ckpt["model_args"].items() if k != "text_layers"}}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    loaded = checkpoints.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert checkpoints.build_model(loaded, "ema").cfg.text_layers == 0
+
+
 def test_a_checkpoint_with_nan_weights_writes_no_images(tmp_path, good_ckpt):
     ckpt = {**good_ckpt}
     _weight("ema", float("nan"))(ckpt)
