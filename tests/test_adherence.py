@@ -21,7 +21,7 @@ RECIPE = [
     "--sample_interval=100000",
     "--ckpt_interval=100000",
 ]
-TEST_STEPS = 1500
+TEST_STEPS = 1000
 DDIM25 = SamplerConfig("ddim", steps=25, eta=0.0)
 
 

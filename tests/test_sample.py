@@ -48,7 +48,9 @@ def test_same_seed_gives_byte_identical_pngs_and_another_seed_does_not(run_dir, 
         sd.main(
             [
                 f"--checkpoint={run_dir}",
-                "--sampler=ddpm",
+                "--sampler=ddim",  # stochastic (eta 1) as DDPM is: fresh noise at every step, 50 steps not 1000
+                "--eta=1",
+                "--steps=50",
                 f"--seed={seed}",
                 "--num_images=1",
                 f"--out_dir={tmp_path / name}",
