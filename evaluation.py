@@ -80,21 +80,16 @@ class Evaluator:
                 self.min_snr_gamma,
             )
         }
-        if data.judge_prompts is not None:
+        # shapes: one shape (color, shape, size, position) and, with scenes, two objects (count, binding, position)
+        judged = (("adherence", data.judge_prompts, data.judge_cond), ("scenes", data.scene_prompts, data.scene_cond))
+        for name, prompts, conds in judged:
+            if prompts is None:
+                continue
             scales = (0.0, S.guidance_scale)
-            adh = shapes.sample_adherence(
-                state.ema, state.scheduler, data.judge_prompts, *data.judge_cond, S, scales, self.seed, autocast
-            )
-            for scale, splits in adh.items():
+            res = shapes.sample_adherence(state.ema, state.scheduler, prompts, *conds, S, scales, self.seed, autocast)
+            for scale, splits in res.items():
                 for split, attrs in splits.items():
-                    figures.update({f"adherence/w{scale:g}/{split}/{a}": v for a, v in attrs.items()})
-        if data.scene_prompts is not None:  # two objects: count, binding, position
-            scenes = shapes.sample_adherence(
-                state.ema, state.scheduler, data.scene_prompts, *data.scene_cond, S, scales, self.seed, autocast
-            )
-            for scale, splits in scenes.items():
-                for split, attrs in splits.items():
-                    figures.update({f"scenes/w{scale:g}/{split}/{a}": v for a, v in attrs.items()})
+                    figures.update({f"{name}/w{scale:g}/{split}/{a}": v for a, v in attrs.items()})
         if self.real_art is not None:  # one EMA sample per held-out caption, judged against the held-out art
             t_quality = time.time()
             r = data.val_rows.to(data.ctx_table.device)

@@ -375,9 +375,7 @@ class Data:
     sample_uncond: tuple  # (context, mask) of the empty caption, padded alike
     judge_prompts: list | None = None  # shapes only: the judge's prompts (shapes.eval_prompts())
     judge_cond: tuple | None = None  # shapes only: (cond, uncond) of judge_prompts, as sample_cond and sample_uncond
-    scene_prompts: list | None = (
-        None  # shapes with scenes only: the judge's two-object prompts (shapes.scene_prompts())
-    )
+    scene_prompts: list | None = None  # shapes with scenes only: shapes.scene_prompts()
     scene_cond: tuple | None = None  # (cond, uncond) of scene_prompts
 
 
