@@ -46,8 +46,9 @@ DEFAULTS = dict(
     guidance_scale=3.0,
     guidance_t_min=300,
     sample_seed=0,
+    weights="ema",  # ema (what training evaluates) | model (the raw weights: what the EMA buys)
     device="auto",
-    out="",
+    out="",  # the grid of samples over their real art (.png or .jpg); default: beside the checkpoint
 )
 
 
@@ -124,7 +125,7 @@ def judge_checkpoint(C, fe, device):
     train, cap_train, held, cap_held = load_art(
         C.dataset, ckpt["model_args"]["image_size"], cfg["seed"], cfg["val_fraction"], cfg["eval_images"]
     )
-    model = build_model(ckpt, "ema").to(device).eval()
+    model = build_model(ckpt, C.weights).to(device).eval()
     scheduler = build_scheduler(ckpt).to(device)
     encoder = TextEncoder(ckpt["text_encoder"], device)
     cond, uncond = embed_prompts(encoder, cap_held, device)
@@ -169,6 +170,10 @@ def main(argv):
     C, _ = parse_config(argv, DEFAULTS)
     if not C.dataset:
         raise UserError("pass --dataset=<an imagefolder with metadata.jsonl>, e.g. ../shared/data/pokedex-art")
+    if C.weights not in ("ema", "model"):
+        raise UserError(f"--weights={C.weights}: use ema (the averaged weights) or model (the raw ones)")
+    if C.out and os.path.splitext(C.out)[1].lower() not in (".png", ".jpg", ".jpeg"):
+        raise UserError(f"--out={C.out} is the grid image: give it a .png or .jpg name")
     if not iq.available():
         raise UserError(f"the metric's packages are missing: {iq.INSTALL_HINT}")
     device = pick_device(C.device)

@@ -212,3 +212,20 @@ def test_training_without_the_metric_says_so_once(
     run_dir = _train_on_tiny_folder(tiny, tmp_path, train_in_process)
     assert capsys.readouterr().err.count("real-image evaluation is off") == 1
     assert not any(k.startswith("quality/") for r in read_log(run_dir) for k in r)
+
+
+def test_quality_benchmark_refuses_unknown_weights_in_one_line():
+    import benchmarks.quality as bq
+    from configurator import UserError
+
+    with pytest.raises(UserError, match=r"--weights=last: use ema .* or model") as e:
+        bq.main(["--dataset=anything", "--weights=last"])
+    assert "\n" not in str(e.value)
+
+
+def test_quality_benchmark_refuses_a_grid_name_that_is_no_image_before_any_work():
+    import benchmarks.quality as bq
+    from configurator import UserError
+
+    with pytest.raises(UserError, match=r"--out=scores.json is the grid image: give it a .png or .jpg name"):
+        bq.main(["--dataset=anything", "--out=scores.json"])
