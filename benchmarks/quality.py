@@ -31,7 +31,7 @@ import torch
 
 import image_quality as iq
 from configurator import UserError, parse_config, pick_device, run_cli
-from image_data import load_art, save_grid
+from image_data import IMAGE_SUFFIXES, load_art, save_grid
 
 DEFAULTS = dict(
     dataset="",
@@ -172,7 +172,7 @@ def main(argv):
         raise UserError("pass --dataset=<an imagefolder with metadata.jsonl>, e.g. ../shared/data/pokedex-art")
     if C.weights not in ("ema", "model"):
         raise UserError(f"--weights={C.weights}: use ema (the averaged weights) or model (the raw ones)")
-    if C.out and os.path.splitext(C.out)[1].lower() not in (".png", ".jpg", ".jpeg"):
+    if C.out and os.path.splitext(C.out)[1].lower() not in IMAGE_SUFFIXES:
         raise UserError(f"--out={C.out} is the grid image: give it a .png or .jpg name")
     if not iq.available():
         raise UserError(f"the metric's packages are missing: {iq.INSTALL_HINT}")
