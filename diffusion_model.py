@@ -55,11 +55,20 @@ def position_embedding_2d(H, W, dim):
     return torch.cat([rows[:, None].expand(H, W, -1), cols[None, :].expand(H, W, -1)], dim=-1).reshape(H * W, dim)
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever its input: under bf16 autocast the statistics of a
+    group keep their precision. CUDA's autocast does this for every norm; the CPU's does not, and
+    its bf16 GroupNorm is also several times slower than fp32 (docs/performance.md)."""
+
+    def forward(self, x):
+        return super().forward(x.float())
+
+
 def group_norm(channels):
     """GroupNorm with at least 4 channels a group (32 groups from 128 channels up, as in Ho et al.).
     A group of one channel would be instance norm: it erases each channel's mean, and with it the
     image's mean brightness and color, which the network must carry to predict eps at high noise."""
-    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
+    return GroupNorm32(min(32, channels // 4), channels, eps=1e-6)
 
 
 def zero_init(module):
@@ -100,6 +109,17 @@ class ResnetBlock(nn.Module):
 # 3. SpatialTransformer: self-attention, cross-attention to the text, feed-forward
 
 
+def attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) queries and (B, heads, L, d) keys and values;
+    `mask` (B, 1, 1, L) is True where a key may be attended to. Under the CPU's bf16 autocast it runs
+    in fp32: torch's bf16 attention backward on the CPU is many times slower than fp32 at these
+    sizes (docs/performance.md); on CUDA bf16 attention is the fast one."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention of the image tokens to each other; q, k and v come from one matmul."""
 
@@ -114,7 +134,7 @@ class SelfAttention(nn.Module):
         B, N, C = x.shape
         # (B, heads, N, C/heads) each
         q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C/heads)
+        h = attention(q, k, v)  # (B, heads, N, C/heads)
         return self.out(h.transpose(1, 2).reshape(B, N, C))
 
 
@@ -138,7 +158,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(B, N, heads, d).transpose(1, 2)  # (B, heads, N, d)
         k, v = self.kv(context).view(B, L, 2, heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, L, d) each
         attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, L): over heads and queries
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
+        h = attention(q, k, v, attn_mask)  # (B, heads, N, d)
         return self.out(h.transpose(1, 2).reshape(B, N, C))
 
 
@@ -226,7 +246,7 @@ class TextLayer(nn.Module):
         B, L, D = context.shape
         q, k, v = self.qkv(self.norm1(context)).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, L): real tokens as keys
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, L, D/heads)
+        h = attention(q, k, v, attn_mask)  # (B, heads, L, D/heads)
         context = context + self.out(h.transpose(1, 2).reshape(B, L, D))
         return context + self.ff(self.norm2(context))
 

@@ -35,10 +35,29 @@ def setup_device(C):
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # bf16 autocast on CUDA; plain fp32 on the CPU, where bf16 is slow on most processors, and on Apple's GPU
-    # (mps), whose autocast and bf16 support depend on the macOS and torch versions
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
-    return SimpleNamespace(ddp=ddp, rank=rank, world=world, device=dev, autocast=autocast, master=rank == 0)
+    precision = pick_precision(C.dtype, kind)
+    autocast = torch.autocast(kind, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    return SimpleNamespace(
+        ddp=ddp, rank=rank, world=world, device=dev, autocast=autocast, precision=precision, master=rank == 0
+    )
+
+
+def cpu_has_amx():
+    """Does this CPU have AMX (Intel's bf16 matrix tiles, Sapphire Rapids and later) that torch can use?"""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private helper: absent, say no
+    return bool(probe and probe())
+
+
+def pick_precision(dtype, kind):
+    """--dtype=auto|bf16|fp32 on a device kind -> "bf16" (matmuls and convolutions under bf16 autocast; the
+    weights, the optimizer and the norms stay fp32) or "fp32". auto: bf16 on CUDA, and on CPUs with AMX, whose
+    bf16 tiles outrun their fp32 FMAs; fp32 on other CPUs, where bf16 kernels are no faster (avx512_bf16
+    alone) or emulated, and on Apple's GPU (mps), whose bf16 support depends on the macOS and torch versions."""
+    if dtype == "bf16" and kind == "mps":
+        raise UserError("--dtype=bf16 on Apple's GPU (mps) is not supported here: use --dtype=fp32 or auto")
+    if dtype != "auto":
+        return dtype
+    return "bf16" if kind == "cuda" or (kind == "cpu" and cpu_has_amx()) else "fp32"
 
 
 def from_rank0(sysinfo, value):

@@ -140,6 +140,8 @@ wandb_mode = "auto"  # auto (online when logged in, else offline) | online | off
 wandb_project = "text-diffusion"
 # system
 device = "auto"  # auto (CUDA, else Apple's mps, else the CPU) | cuda | mps | cpu
+# the matmuls' and convolutions' precision: auto (bf16 autocast on CUDA and on CPUs with AMX, else fp32) | bf16 | fp32
+dtype = "auto"
 compile = False  # torch.compile the U-Net for training
 seed = 0
 # -----------------------------------------------------------------------------
@@ -195,6 +197,7 @@ RANGES = dict(
     wandb_mode=("auto", "online", "offline", "disabled"),
     wandb_project="nonempty",
     device=DEVICES,
+    dtype=("auto", "bf16", "fp32"),
     compile="bool",
     seed="[0, 2147483647]",
 )

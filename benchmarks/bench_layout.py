@@ -5,20 +5,25 @@ autocast: the CPU levers that change no result (bf16: within rounding), only the
     python -m benchmarks.bench_layout  # config/shapes_cpu.py and config/shapes_16px.py
     python -m benchmarks.bench_layout --configs=config/shapes_cpu.py --compile=false --rounds=3
     python -m benchmarks.bench_layout --configs=config/pokemon_cpu.py --compile=false --bf16=true
+    python -m benchmarks.bench_layout --configs=config/pokemon_cpu.py --compile=false --bf16=true --profile=true
 
 For each config file: its U-Net (MiniLM's 384-d tokens, 12 of them), AdamW, one fixed batch of the
 recipe's batch_size, forward + v-loss-shaped MSE + backward + step, as train_diffusion.py runs it.
-With --bf16, channels_last again under torch.autocast("cpu", bfloat16): the matmuls and convolutions
-in bf16, the weights, the optimizer and the norms in fp32, as training runs autocast on CUDA; it
+With --bf16, channels_last again under torch.autocast("cpu", bfloat16), as train_diffusion.py runs
+--dtype=bf16: the matmuls and convolutions in bf16, the weights, the optimizer, the norms and
+attention in fp32 (diffusion_model.GroupNorm32 and attention()); and once more as plain autocast
+leaves it, with GroupNorm and attention in bf16 too, which shows what those two exceptions buy. It
 pays only on CPUs whose bf16 matrix instructions outrun their fp32 FMAs (AMX does; avx512_bf16
-alone may not: docs/performance.md); --bf16 also prints the raw matmul and 3x3 convolution rates
-in fp32 and bf16 that set this ceiling. Setups are timed in turn (NCHW, channels_last, compiled,
+alone did not: docs/performance.md); --bf16 also prints the raw matmul and 3x3 convolution rates
+in fp32 and bf16 that set this ceiling, and --profile the ops that take the most time in each bf16
+setup (torch.profiler, 5 steps). Setups are timed in turn (NCHW, channels_last, compiled,
 NCHW, ...) for --rounds rounds of --steps steps each, so that a slow spell of the machine hits all
 of them; the table shows the median images/s, its ratio to NCHW, and for torch.compile the seconds
 its first steps took to compile: it pays back only in a run where (1 - 1/ratio) x the run's training
 seconds exceed that.
 """
 
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -28,6 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import diffusion_model
 from configurator import parse_config, read_config_file, read_script_settings, run_cli
 from diffusion_model import UNet, UNetConfig
 
@@ -37,12 +43,34 @@ TRAINING_DEFAULTS = read_script_settings(
 )
 
 DEFAULTS = dict(
-    configs="config/shapes_cpu.py,config/shapes_16px.py", steps=10, rounds=5, compile=True, bf16=False, threads=0
+    configs="config/shapes_cpu.py,config/shapes_16px.py",
+    steps=10,
+    rounds=5,
+    compile=True,
+    bf16=False,
+    threads=0,
+    profile=False,
 )
 MODEL_KEYS = {f.name for f in dataclasses.fields(UNetConfig)}  # what a recipe file may say about the U-Net
 
 
-def setup(cfg, batch_size, channels_last, compiled, bf16=False):
+@contextlib.contextmanager
+def plain_autocast(on):
+    """Undo the U-Net's two fp32 exceptions to CPU autocast while on: GroupNorm and attention then run in the
+    dtype autocast gives them (bf16), as they would in a U-Net built from torch's own modules."""
+    if not on:
+        yield
+        return
+    saved = diffusion_model.GroupNorm32.forward, diffusion_model.attention
+    diffusion_model.GroupNorm32.forward = torch.nn.GroupNorm.forward
+    diffusion_model.attention = lambda q, k, v, mask=None: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    try:
+        yield
+    finally:
+        diffusion_model.GroupNorm32.forward, diffusion_model.attention = saved
+
+
+def setup(cfg, batch_size, channels_last, compiled, bf16=False, plain=False):
     """(step function, seconds of the first step): the first step is where torch.compile compiles."""
     torch.manual_seed(0)
     model = UNet(cfg).train()
@@ -57,11 +85,12 @@ def setup(cfg, batch_size, channels_last, compiled, bf16=False):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = run(x, t, context, mask)
-        loss = F.mse_loss(out.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with plain_autocast(plain):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = run(x, t, context, mask)
+            loss = F.mse_loss(out.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
 
     t0 = time.time()
@@ -110,14 +139,16 @@ def main(argv):
         recipe = {**TRAINING_DEFAULTS, **read_config_file(path, TRAINING_DEFAULTS)}  # a recipe names its differences
         cfg = UNetConfig(context_dim=384, **{k: recipe[k] for k in MODEL_KEYS if k in recipe})
         B = recipe["batch_size"]
-        setups = {"NCHW": (False, False, False), "channels_last": (True, False, False)}
+        # name: (channels_last, compiled, bf16 autocast, norms and attention in bf16 too)
+        setups = {"NCHW": (False, False, False, False), "channels_last": (True, False, False, False)}
         if C.compile:
-            setups["channels_last + compile"] = (True, True, False)
+            setups["channels_last + compile"] = (True, True, False, False)
         if C.bf16:
-            setups["channels_last + bf16 autocast"] = (True, False, True)
+            setups["channels_last + bf16 autocast (norms, attention fp32)"] = (True, False, True, False)
+            setups["channels_last + plain bf16 autocast (norms, attention bf16)"] = (True, False, True, True)
         steps, firsts = {}, {}
-        for name, (cl, comp, bf16) in setups.items():
-            steps[name], firsts[name] = setup(cfg, B, cl, comp, bf16)
+        for name, flags in setups.items():
+            steps[name], firsts[name] = setup(cfg, B, *flags)
         rates = {name: [] for name in setups}
         for _ in range(C.rounds):
             for name, step in steps.items():
@@ -133,6 +164,14 @@ def main(argv):
                 f"{firsts[name]:.1f} |",
                 flush=True,
             )
+        if C.profile:
+            for name, flags in setups.items():
+                if flags[2]:
+                    print(f"\n{path}, {name}: the ops with the most time over 5 steps")
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                        for _ in range(5):
+                            steps[name]()
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
 if __name__ == "__main__":

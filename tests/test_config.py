@@ -674,6 +674,24 @@ def test_apples_gpu_trains_the_cpu_recipe_in_fp32_in_one_process(monkeypatch, ca
         distributed.setup_device(C)
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_amx_else_fp32(monkeypatch, amx):
+    monkeypatch.setattr(distributed, "cpu_has_amx", lambda: amx)
+    assert distributed.pick_precision("auto", "cpu") == ("bf16" if amx else "fp32")
+    assert distributed.pick_precision("auto", "cuda") == "bf16"
+    assert distributed.pick_precision("auto", "mps") == "fp32"
+    for kind in ("cpu", "cuda"):  # asked for, either one, with or without AMX
+        assert distributed.pick_precision("bf16", kind) == "bf16" and distributed.pick_precision("fp32", kind) == "fp32"
+    with pytest.raises(configurator.UserError, match="--dtype=bf16 on Apple's GPU .* use --dtype=fp32 or auto"):
+        distributed.pick_precision("bf16", "mps")
+    C, _ = td.configure(["--device=cpu"])
+    sysinfo = distributed.setup_device(C)
+    assert sysinfo.precision == ("bf16" if amx else "fp32")
+    assert isinstance(sysinfo.autocast, torch.autocast) == amx
+    C, _ = td.configure(["--device=cpu", "--dtype=fp32"])
+    assert not isinstance(distributed.setup_device(C).autocast, torch.autocast)
+
+
 def test_the_training_settings_read_as_data_are_the_scripts_defaults():
     # bench_layout reads them so without importing train_diffusion.py (scripts never import scripts)
     import configurator

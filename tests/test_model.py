@@ -8,12 +8,14 @@ import torch
 
 from diffusion_model import (
     CrossAttention,
+    GroupNorm32,
     NoiseScheduler,
     ResnetBlock,
     SamplerConfig,
     SpatialTransformer,
     UNet,
     UNetConfig,
+    attention,
     ddim_step,
     ddim_timesteps,
     diffusion_loss,
@@ -90,6 +92,51 @@ def test_untrained_unet_predicts_zero():
     model = UNet(UNetConfig(image_size=16, **TINY))
     ctx, mask = text(2, 4)
     assert model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), ctx, mask).abs().max() == 0
+
+
+# ----------------------------------------------------------------------------- bf16 autocast on the CPU
+# The matmuls and convolutions in bf16; the norms and attention in fp32 (their bf16 CPU kernels are slow).
+
+
+def test_group_norm_runs_in_fp32_under_cpu_autocast():
+    torch.manual_seed(0)
+    norm = GroupNorm32(4, 16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 16, 5, 5).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.float32
+    # the same normalisation written out: per sample and group of 4 channels, over channels and pixels
+    g = x.float().view(2, 4, 4 * 25)
+    ref = ((g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()).view(2, 16, 5, 5)
+    ref = ref * norm.weight[:, None, None] + norm.bias[:, None, None]
+    assert torch.allclose(y, ref, atol=1e-5)
+
+
+def test_attention_runs_in_fp32_under_cpu_autocast_and_is_masked_softmax():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))  # (B, heads, N, d)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])[:, None, None, :]  # (B, 1, 1, L)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = attention(q, k, v, mask)
+    assert h.dtype == torch.float32
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask, float("-inf"))  # (B, heads, N, L)
+    assert torch.allclose(h, scores.softmax(-1) @ v, atol=1e-5)
+    assert torch.equal(attention(q, k, v, mask), h)  # outside autocast: the same fp32 kernel
+
+
+def test_unet_under_cpu_bf16_autocast_is_fp32_within_bf16_rounding():
+    model = tiny_unet(16)
+    x = torch.randn(4, 3, 16, 16)
+    t = torch.tensor([0, 10, 500, 999])
+    ctx, mask = text(4, 6, real=4)
+    ref = model(x, t, ctx, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, ctx, mask)
+    # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per operation): a few per mille end to end
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.02, rel
 
 
 # ----------------------------------------------------------------------------- schedule
