@@ -219,7 +219,8 @@ RUN_KEYS += (
 )
 RUN_KEYS += ("seed",)
 # keys that describe this invocation, not the run: never taken from a checkpoint
-SESSION_KEYS = ("resume", "out_dir", "device")
+# this invocation's, never the checkpoint's: where it runs (the machine decides device and dtype), where it writes
+SESSION_KEYS = ("resume", "out_dir", "device", "dtype")
 CPU_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "shapes_cpu.py")
 
 
@@ -352,7 +353,7 @@ def merge_settings(stored, given, explicit, path):
     """(settings, changes): the run's stored settings, except this invocation's (SESSION_KEYS) and
     those given explicitly. Identity keys (RUN_KEYS) must not change; other explicit changes are
     allowed and come back as (key, given, stored) for the caller to print. Touches nothing."""
-    lacking = [k for k in DEFAULTS if k not in stored]
+    lacking = [k for k in DEFAULTS if k not in stored and k not in SESSION_KEYS]  # those come from this invocation
     if lacking:
         raise UserError(
             f"{path} was written by another version of train_diffusion.py (its settings lack "

@@ -208,6 +208,20 @@ def test_a_checkpoint_that_does_not_fit_its_settings_is_one_line(
     )
 
 
+def test_a_run_saved_before_the_dtype_setting_resumes_with_this_machines_precision(
+    uninterrupted, train_in_process, read_log, tmp_path
+):
+    """dtype, like device, belongs to the machine that resumes: a checkpoint written before the setting
+    existed resumes (it was refused as "another version"), and a stored dtype is not forced on this one."""
+    out, ckpt_path = copied_run(uninterrupted, tmp_path)
+    ckpt = checkpoints.load_checkpoint(str(ckpt_path))
+    del ckpt["config"]["dtype"]
+    checkpoints.save_checkpoint(str(ckpt_path), ckpt)
+    train_in_process(["--resume=auto", f"--out_dir={out}", "--max_steps=18", "--dtype=fp32"])
+    assert max(r["step"] for r in read_log(ckpt_path.parent) if "train/loss" in r) == 18
+    assert checkpoints.load_checkpoint(str(ckpt_path))["config"]["dtype"] == "fp32"
+
+
 def test_resume_locks_the_run_before_reading_its_checkpoint(
     uninterrupted, train_in_process, tmp_path, monkeypatch, capsys
 ):
