@@ -50,9 +50,10 @@ def cpu_has_amx():
 
 def pick_precision(dtype, kind):
     """--dtype=auto|bf16|fp32 on a device kind -> "bf16" (matmuls and convolutions under bf16 autocast; the
-    weights, the optimizer and the norms stay fp32) or "fp32". auto: bf16 on CUDA, and on CPUs with AMX, whose
-    bf16 tiles outrun their fp32 FMAs; fp32 on other CPUs, where bf16 kernels are no faster (avx512_bf16
-    alone) or emulated, and on Apple's GPU (mps), whose bf16 support depends on the macOS and torch versions."""
+    weights, the optimizer, the norms and, on the CPU, attention stay fp32) or "fp32". auto: bf16 on CUDA, and on
+    CPUs with AMX, whose bf16 tiles outrun their fp32 FMAs; fp32 on other CPUs, where bf16 kernels are no faster
+    (avx512_bf16 alone) or emulated, and on Apple's GPU (mps), whose bf16 support depends on the macOS and torch
+    versions."""
     if dtype == "bf16" and kind == "mps":
         raise UserError("--dtype=bf16 on Apple's GPU (mps) is not supported here: use --dtype=fp32 or auto")
     if dtype != "auto":
