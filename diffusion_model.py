@@ -419,8 +419,8 @@ class UNet(nn.Module):
         assert H == W == self.cfg.image_size, f"expected {self.cfg.image_size}px images, got {H}x{W}"
         temb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))  # (B, 4*base)
         if self.text_pool is not None:
-            real = torch.ones_like(context[..., 0]) if context_mask is None else context_mask.to(context.dtype)  # (B, L)
-            pooled = (context * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)  # (B, D)
+            real = context.new_ones(context.shape[:2]) if context_mask is None else context_mask.to(context.dtype)
+            pooled = (context * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)  # (B, D); real (B, L)
             temb = temb + self.text_pool(pooled)
         for layer in self.text_layers:
             context = layer(context, context_mask)  # (B, L, D)
