@@ -138,10 +138,9 @@ MODEL_ARGS = dict(
     coord_conv="bool",
     patch_size="[1, 64]",
     text_layers="[0, 64]",
-    pooled_text="bool",
 )
 # U-Net settings added after checkpoints were written without them: absent means the U-Net before them
-ADDED_MODEL_ARGS = dict(text_layers=0, pooled_text=False)
+ADDED_MODEL_ARGS = dict(text_layers=0)
 
 
 def check_checkpoint(ckpt, path, check_weights=True):

@@ -270,7 +270,6 @@ class UNetConfig:
     coord_conv: bool = False  # feed conv_in two extra channels holding each pixel's (x, y) in [-1, 1] (CoordConv)
     patch_size: int = 1  # > 1: the U-Net works on cells of p x p pixels (PixelUnshuffle in, PixelShuffle out)
     text_layers: int = 0  # TextLayers over the caption tokens before any cross-attention reads them
-    pooled_text: bool = False  # add the caption's mean token (a sentence embedding) to the timestep embedding
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)
@@ -365,10 +364,6 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d((cfg.in_channels + (2 if cfg.coord_conv else 0)) * p * p, ch, 3, padding=1)
 
         self.text_layers = nn.ModuleList([TextLayer(cfg.context_dim, cfg.n_heads) for _ in range(cfg.text_layers)])
-        # the caption as one vector, as the sentence encoder was trained to give it (the mean of its real tokens),
-        # reaches every ResnetBlock through the timestep embedding (as in Imagen): what the whole picture should
-        # look like, without waiting for cross-attention at the lowest resolutions. Zero-initialised: starts off.
-        self.text_pool = zero_init(nn.Linear(cfg.context_dim, time_dim)) if cfg.pooled_text else None
 
         self.down = nn.ModuleList()
         skip_chs = [ch]
@@ -418,10 +413,6 @@ class UNet(nn.Module):
         B, C, H, W = x.shape
         assert H == W == self.cfg.image_size, f"expected {self.cfg.image_size}px images, got {H}x{W}"
         temb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))  # (B, 4*base)
-        if self.text_pool is not None:
-            real = context.new_ones(context.shape[:2]) if context_mask is None else context_mask.to(context.dtype)
-            pooled = (context * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)  # (B, D); real (B, L)
-            temb = temb + self.text_pool(pooled)
         for layer in self.text_layers:
             context = layer(context, context_mask)  # (B, L, D)
 

@@ -100,7 +100,6 @@ coord_conv = False  # (x, y) coordinate channels into conv_in (CoordConv)
 patch_size = 1
 # > 0: Transformer layers over the caption's tokens, trained with the U-Net, before cross-attention reads them
 text_layers = 0
-pooled_text = False  # add the caption's mean token (a sentence embedding) to the timestep embedding of every block
 num_timesteps = 1000
 prediction_type = "v"  # what the U-Net predicts: v (the velocity, Salimans & Ho) | eps (the noise, Ho et al.)
 # training
@@ -169,7 +168,6 @@ RANGES = dict(
     coord_conv="bool",
     patch_size="[1, 16]",
     text_layers="[0, 16]",
-    pooled_text="bool",
     num_timesteps="[2, 100000]",
     prediction_type=("v", "eps"),
     batch_size="[1, 65536]",

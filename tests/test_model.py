@@ -356,35 +356,6 @@ def test_text_layers_start_as_the_identity():
     assert torch.equal(layered(x, t, ctx, mask), plain(x, t, ctx, mask))
 
 
-def test_the_pooled_caption_is_the_mean_of_its_real_tokens():
-    # a padded caption gives what the caption alone gives; without cross-attention the caption reaches the output
-    # only through the pooled vector, so it must be the real tokens' mean: any set of tokens with that mean agrees
-    model = tiny_unet(pooled_text=True)
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([100, 700])
-    ctx, mask = text(2, 6, real=3)
-    out = model(x, t, ctx, mask)
-    assert torch.allclose(model(x, t, ctx[:, :3], None), out, atol=1e-5)
-    blind = tiny_unet(pooled_text=True, attention_levels=())
-    with torch.no_grad():  # the one cross-attention left (the middle's) switched off: its output branch to zero
-        blind.mid_attn.proj_out.weight.zero_()
-        blind.mid_attn.proj_out.bias.zero_()
-    mean = ctx[:, :3].mean(1, keepdim=True)  # (B, 1, D)
-    same_mean = torch.cat([mean + 1.0, mean - 1.0, mean], dim=1)  # other tokens, the same mean
-    assert torch.allclose(blind(x, t, same_mean, None), blind(x, t, ctx, mask), atol=1e-5)
-    assert (blind(x, t, same_mean + 0.5, None) - blind(x, t, ctx, mask)).abs().max() > 1e-3
-
-
-def test_the_pooled_caption_starts_switched_off():
-    torch.manual_seed(0)
-    plain = UNet(UNetConfig(image_size=16, **TINY)).eval()
-    pooled = UNet(UNetConfig(image_size=16, pooled_text=True, **TINY)).eval()
-    missing, unexpected = pooled.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and sorted(missing) == ["text_pool.bias", "text_pool.weight"]
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
-    ctx, mask = text(2, 6, real=4)
-    assert torch.equal(pooled(x, t, ctx, mask), plain(x, t, ctx, mask))
-
-
 def test_a_text_layer_on_a_padded_caption_is_the_layer_on_the_caption_alone():
     from diffusion_model import TextLayer
 
