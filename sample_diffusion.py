@@ -28,7 +28,7 @@ from text_encoders import TextEncoder, embed_prompts
 _before_settings = set(globals())
 checkpoint = ""  # a ckpt.pt or a run folder; "" = the latest run in out_dir
 condition = "a large red circle in the center"  # the prompt; "" is the unconditional prompt (the model's own prior)
-guidance_scale = 3.0  # CFG weight w: out = out_u + w (out_c - out_u); 3, the scale the recipes' samples are judged at
+guidance_scale = 3.0  # CFG weight w: out = out_u + w (out_c - out_u); 3 judges the shapes recipes, 6 CPU Pokémon
 # guide only at noise levels t >= this, the conditional model below (guiding the nearly clean steps bends unseen pairs
 # into seen ones); 0 guides every step
 guidance_t_min = 300
