@@ -377,6 +377,34 @@ class Data:
     judge_cond: tuple | None = None  # shapes only: (cond, uncond) of judge_prompts, as sample_cond and sample_uncond
     scene_prompts: list | None = None  # shapes with scenes only: shapes.scene_prompts()
     scene_cond: tuple | None = None  # (cond, uncond) of scene_prompts
+    train_short_rows: torch.Tensor | None = None  # (N, CAPTION_VARIANTS) shortened captions' rows (caption_parts > 0)
+
+
+# How many shortened versions of each training caption the caption table holds (caption_parts > 0)
+CAPTION_VARIANTS = 6
+
+
+def caption_parts(caption):
+    """The parts a caption is cut into: after each , . ; : ! or ? that ends a word.
+    'Bulbasaur, a grass type seed pokemon. It naps.' -> ['Bulbasaur,', 'a grass type seed pokemon.', 'It naps.']"""
+    return [part for part in re.split(r"(?<=[,.;:!?])\s+", caption.strip()) if part]
+
+
+def shortened_captions(captions, k, seed):
+    """k shortened versions of each caption: each keeps every part with probability 1/2 (in order, at least
+    one part). A caption of one part stays itself. Seeded: every rank and every resume builds the same."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for caption in captions:
+        parts = caption_parts(caption)
+        versions = []
+        for _ in range(k):
+            keep = torch.rand(len(parts), generator=g) < 0.5
+            if not keep.any():  # an empty caption is the unconditional one: keep one part instead
+                keep[torch.randint(len(parts), (), generator=g)] = True
+            versions.append(" ".join(p for p, kept in zip(parts, keep.tolist()) if kept))
+        out.append(versions)
+    return out
 
 
 def load_data(C, sysinfo):
@@ -386,8 +414,14 @@ def load_data(C, sysinfo):
     n_cut = encoder.count_truncated(captions)
     if sysinfo.master and n_cut:
         print(f"warning: {n_cut} captions are longer than {encoder.max_length} tokens and were cut", file=sys.stderr)
-    ctx_table, ctx_mask, rows = encode_captions(encoder, captions)
     val_idx, train_idx = split_indices(len(images), C.seed, C.val_fraction, C.eval_images)
+    short = []  # the training captions' shortened versions, (N_train x CAPTION_VARIANTS) flattened
+    if C.caption_parts > 0:
+        versions = shortened_captions([captions[i] for i in train_idx.tolist()], CAPTION_VARIANTS, C.seed)
+        short = [v for vs in versions for v in vs]
+    ctx_table, ctx_mask, all_rows = encode_captions(encoder, captions + short)
+    rows = all_rows[: len(captions)]
+    short_rows = all_rows[len(captions) :].view(-1, CAPTION_VARIANTS) if short else None
     if len(train_idx) // sysinfo.world < C.batch_size:
         raise UserError(
             f"batch_size {C.batch_size} is larger than the {len(train_idx) // sysinfo.world} training images "
@@ -416,6 +450,7 @@ def load_data(C, sysinfo):
         train_images=images[train_idx].to(dev),
         train_rows=rows[train_idx].to(dev),
         train_can_flip=(can_flip[train_idx] & C.flips).to(dev),
+        train_short_rows=None if short_rows is None else short_rows.to(dev),
         val_images=images[val_idx],
         val_rows=rows[val_idx],
         sample_prompts=sample_prompts,
@@ -443,11 +478,12 @@ def global_batch_indices(step, n, global_batch, seed):
     return perm[pos * global_batch : (pos + 1) * global_batch]
 
 
-def get_batch(data, step, seed, rank, world, batch_size, p_uncond, num_timesteps):
+def get_batch(data, step, seed, rank, world, batch_size, p_uncond, num_timesteps, p_short=0.0):
     """Rank `rank`'s slice of training batch `step`: (x0, context, mask, t, noise). Every random draw
-    (caption dropout, flips, timesteps, noise) is made for the global batch from (seed, step), in
-    that order, and each rank takes its slice: a resumed run replays the same batches, and N ranks
-    see what one process would. On CUDA the draws come from the GPU's generator, elsewhere the CPU's."""
+    (caption dropout, flips, timesteps, noise, then with p_short > 0 which captions are shortened and to
+    which version) is made for the global batch from (seed, step), in that order, and each rank takes its
+    slice: a resumed run replays the same batches, and N ranks see what one process would. On CUDA the
+    draws come from the GPU's generator, elsewhere the CPU's."""
     dev = data.train_images.device
     rng_dev = dev if dev.type == "cuda" else torch.device("cpu")  # on mps the step's draws come from the CPU
     G, B = batch_size * world, batch_size  # global and per-rank batch
@@ -460,5 +496,11 @@ def get_batch(data, step, seed, rank, world, batch_size, p_uncond, num_timesteps
     idx = global_batch_indices(step, len(data.train_images), G, seed)[mine].to(dev)
     x0 = to_model_range(data.train_images[idx])  # (B, 3, S, S)
     x0 = torch.where((flip[mine] & data.train_can_flip[idx])[:, None, None, None], x0.flip(3), x0)
-    rows = torch.where(drop[mine], 0, data.train_rows[idx])  # caption dropout: row 0 is the empty caption
+    rows = data.train_rows[idx]
+    if p_short > 0:
+        K = data.train_short_rows.shape[1]
+        shorten = (torch.rand(G, generator=g, device=rng_dev) < p_short).to(dev)
+        version = torch.randint(0, K, (G,), generator=g, device=rng_dev).to(dev)
+        rows = torch.where(shorten[mine], data.train_short_rows[idx, version[mine]], rows)
+    rows = torch.where(drop[mine], 0, rows)  # caption dropout: row 0 is the empty caption
     return x0, data.ctx_table[rows], data.ctx_mask[rows], t[mine], noise[mine]

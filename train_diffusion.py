@@ -116,6 +116,9 @@ weight_decay = 0.0
 min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0: the plain loss
 grad_clip = 1.0
 p_uncond = 0.1  # share of captions replaced by the empty caption, for classifier-free guidance
+# share of training captions shortened to a random subset of their parts (image_data.caption_parts: cut after , . ; :),
+# so that the words many captions share (a type, a color) must carry the image, not the name that fits only one
+caption_parts = 0.0
 flips = True  # random horizontal flips, of the images whose caption names no side (image_data.mirrorable)
 ema_decay = 0.999  # EMA of the weights, warmed up as min(ema_decay, (1 + k) / (10 + k))
 # evaluation, samples, checkpoints, logging
@@ -180,6 +183,7 @@ RANGES = dict(
     min_snr_gamma="[0, 1e4]",
     grad_clip="(0, 1e6]",
     p_uncond="[0, 1)",
+    caption_parts="[0, 1]",
     flips="bool",
     ema_decay="[0, 1)",
     eval_interval="[1, 1e9]",
@@ -599,7 +603,7 @@ def train(C, sysinfo, stop, run_dir, data, state, evaluator, wandb_run):
 
         t_step = time.time()
         x0, context, mask, t, noise = get_batch(
-            data, step, C.seed, sysinfo.rank, sysinfo.world, C.batch_size, C.p_uncond, C.num_timesteps
+            data, step, C.seed, sysinfo.rank, sysinfo.world, C.batch_size, C.p_uncond, C.num_timesteps, C.caption_parts
         )
         with sysinfo.autocast:
             loss = diffusion_loss(state.train_model, state.scheduler, x0, context, mask, t, noise, C.min_snr_gamma)

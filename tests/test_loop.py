@@ -278,3 +278,113 @@ def test_a_time_budget_sets_max_steps_once_and_the_checkpoint_keeps_it(tiny, tra
     # resuming takes the stored max_steps: the run is finished, nothing is trained again
     assert train_in_process(tiny + [f"--out_dir={tmp_path}", "--resume=auto", "--max_minutes=0.05"]) == run_dir
     assert "finished at step" in capsys.readouterr().out
+
+
+def test_caption_parts_cut_after_punctuation_and_shortened_versions_keep_them_in_order():
+    caption = "Bulbasaur, a grass and poison type seed pokemon. It naps in the sun; it grows!"
+    parts = ["Bulbasaur,", "a grass and poison type seed pokemon.", "It naps in the sun;", "it grows!"]
+    assert image_data.caption_parts(caption) == parts
+    assert image_data.caption_parts("a large blue circle in the top left") == ["a large blue circle in the top left"]
+    assert image_data.caption_parts("3.5 kg, or so") == ["3.5 kg,", "or so"]  # a point inside a word cuts nothing
+    versions = image_data.shortened_captions([caption, "one part only"], 200, seed=3)
+    assert versions == image_data.shortened_captions([caption, "one part only"], 200, seed=3)  # seeded
+    assert versions != image_data.shortened_captions([caption, "one part only"], 200, seed=4)
+    assert versions[1] == ["one part only"] * 200
+    seen = set()
+    for v in versions[0]:
+        kept = v.split(" ")
+        mask = []
+        for part in parts:  # greedy in-order match: each version is a nonempty subsequence of the parts
+            words = part.split(" ")
+            hit = kept[: len(words)] == words
+            mask.append(hit)
+            kept = kept[len(words) :] if hit else kept
+        assert not kept and any(mask), v
+        seen.add(tuple(mask))
+    assert len(seen) == 2**4 - 1  # every nonempty subset turns up in 200 draws (each kept w.p. 1/2)
+
+
+def short_data(n=40, K=3):
+    """fake_data with K shortened versions per image: rows 5.. of a larger table."""
+    data = fake_data(n=n, rows=5 + n * K)
+    data.train_rows = torch.randint(1, 5, (n,), generator=torch.Generator().manual_seed(1))
+    data.train_short_rows = 5 + torch.arange(n * K).view(n, K)
+    return data
+
+
+def test_shortened_captions_replace_the_own_caption_at_the_rate_p_short():
+    data = short_data()
+    n = len(data.train_images)
+    counts = dict(own=0, short=0, empty=0)
+    for step in range(40):
+        _, context, _, _, _ = image_data.get_batch(data, step, 0, 0, 1, 16, 0.2, 50, p_short=0.5)
+        idx = image_data.global_batch_indices(step, n, 16, 0)
+        for c, i in zip(context, idx):
+            row = int((data.ctx_table == c).flatten(1).all(1).nonzero()[0])
+            if row == 0:
+                counts["empty"] += 1
+            elif row == int(data.train_rows[i]):
+                counts["own"] += 1
+            else:
+                assert row in data.train_short_rows[i].tolist(), (step, int(i), row)  # only its own versions
+                counts["short"] += 1
+    total = sum(counts.values())
+    assert_binomial(counts["empty"], total, 0.2, "dropped captions")
+    assert_binomial(counts["short"], counts["short"] + counts["own"], 0.5, "shortened captions")
+
+
+def test_p_short_zero_leaves_batches_as_they_were_and_ranks_still_split_one_batch():
+    data = short_data()
+    plain = short_data()
+    plain.train_short_rows = None
+    for step in (0, 7):  # the draws before the shortening's are unchanged: no caption_parts, the same batch
+        a = image_data.get_batch(data, step, 2, 0, 1, 8, 0.3, 50, p_short=0.0)
+        b = image_data.get_batch(plain, step, 2, 0, 1, 8, 0.3, 50)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    whole = image_data.get_batch(data, 5, 0, 0, 1, 8, 0.3, 50, p_short=0.7)
+    halves = [image_data.get_batch(data, 5, 0, r, 2, 4, 0.3, 50, p_short=0.7) for r in (0, 1)]
+    for k, part in enumerate(whole):
+        assert torch.equal(torch.cat([halves[0][k], halves[1][k]]), part), k
+
+
+def test_load_data_embeds_each_training_captions_shortened_versions(tiny, tmp_path, train_in_process, monkeypatch):
+    from PIL import Image
+
+    (tmp_path / "art").mkdir()
+    rows = []
+    for i in range(10):
+        Image.new("RGB", (20, 20), (20 * i, 100, 200)).save(tmp_path / "art" / f"{i}.png")
+        rows.append(f'{{"file_name": "{i}.png", "text": "Mon{i}, a water type pokemon. It swims number {i}."}}')
+    (tmp_path / "art" / "metadata.jsonl").write_text("\n".join(rows))
+    args = [a for a in tiny if not a.startswith(("--dataset", "--batch_size"))]
+    C, _ = td.configure(args + [f"--dataset={tmp_path / 'art'}", "--batch_size=2", "--caption_parts=0.5"])
+    sysinfo = SimpleNamespace(device=torch.device("cpu"), master=True, world=1)
+    D = image_data.load_data(C, sysinfo)
+    K = image_data.CAPTION_VARIANTS
+    assert D.train_short_rows.shape == (len(D.train_images), K)
+    encoder = text_encoders.TextEncoder("minilm", torch.device("cpu"))
+    captions = [f"Mon{i}, a water type pokemon. It swims number {i}." for i in range(10)]
+    train_idx = image_data.split_indices(10, C.seed, C.val_fraction, C.eval_images)[1].tolist()
+    versions = image_data.shortened_captions([captions[i] for i in train_idx], K, C.seed)
+    for j in (0, len(train_idx) - 1):  # each row holds the embedding of that version, computed here alone
+        for k in (0, K - 1):
+            ctx, mask = encoder([versions[j][k]])
+            row = D.train_short_rows[j, k]
+            L = ctx.shape[1]
+            assert torch.allclose(D.ctx_table[row, :L], ctx[0], atol=1e-5) and torch.equal(D.ctx_mask[row, :L], mask[0])
+            assert not D.ctx_mask[row, L:].any()
+    C0, _ = td.configure(args + [f"--dataset={tmp_path / 'art'}", "--batch_size=2"])
+    assert image_data.load_data(C0, sysinfo).train_short_rows is None
+    shares = []  # the loop hands caption_parts to get_batch as p_short
+    monkeypatch.setattr(td, "get_batch", lambda *a, **k: shares.append(a[8]) or image_data.get_batch(*a, **k))
+    train_in_process(
+        args
+        + [
+            f"--dataset={tmp_path / 'art'}",
+            "--batch_size=2",
+            "--caption_parts=0.5",
+            "--max_steps=2",
+            f"--out_dir={tmp_path / 'runs'}",
+        ]
+    )
+    assert shares == [0.5, 0.5]
