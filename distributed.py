@@ -36,6 +36,12 @@ def setup_device(C):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     precision = pick_precision(C.dtype, kind)
+    if precision == "bf16" and kind == "cpu" and not cpu_has_amx() and rank == 0:  # asked for: allowed, but said
+        print(
+            "warning: --dtype=bf16 on a CPU without AMX: its bf16 matmuls are emulated or no faster than fp32, so "
+            "training is slower, up to many times; --dtype=auto (or fp32) trains in fp32 here",
+            file=sys.stderr,
+        )
     autocast = torch.autocast(kind, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     return SimpleNamespace(
         ddp=ddp, rank=rank, world=world, device=dev, autocast=autocast, precision=precision, master=rank == 0

@@ -675,7 +675,7 @@ def test_apples_gpu_trains_the_cpu_recipe_in_fp32_in_one_process(monkeypatch, ca
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_amx_else_fp32(monkeypatch, amx):
+def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_amx_else_fp32(monkeypatch, capsys, amx):
     monkeypatch.setattr(distributed, "cpu_has_amx", lambda: amx)
     assert distributed.pick_precision("auto", "cpu") == ("bf16" if amx else "fp32")
     assert distributed.pick_precision("auto", "cuda") == "bf16"
@@ -690,6 +690,11 @@ def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_amx_else_fp32(monkeypat
     assert isinstance(sysinfo.autocast, torch.autocast) == amx
     C, _ = td.configure(["--device=cpu", "--dtype=fp32"])
     assert not isinstance(distributed.setup_device(C).autocast, torch.autocast)
+    capsys.readouterr()
+    C, _ = td.configure(["--device=cpu", "--dtype=bf16"])  # asked for without AMX: granted, with a warning
+    assert distributed.setup_device(C).precision == "bf16"
+    warned = capsys.readouterr().err
+    assert ("warning: --dtype=bf16 on a CPU without AMX" in warned) != amx and warned.count("\n") == (not amx)
 
 
 def test_the_training_settings_read_as_data_are_the_scripts_defaults():
