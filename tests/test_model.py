@@ -477,7 +477,9 @@ def test_per_image_noise_does_not_depend_on_the_batch_and_differs_between_images
     )
     whole = draw(image_generators(7, 4), slice(0, 4))
     halves = torch.cat([draw(image_generators(7, 2), slice(0, 2)), draw(image_generators(7, 2, start=2), slice(2, 4))])
-    assert torch.equal(whole, halves)
+    # the same noise: equal up to float rounding (some CPUs' kernels sum in an order that depends on the batch size);
+    # noise that depended on the batch would differ by O(1)
+    torch.testing.assert_close(whole, halves, atol=1e-3, rtol=0)
     first = lambda seed, i: torch.randn(4, generator=image_generators(seed, 1, start=i)[0])
     streams = [first(seed, i) for seed in (0, 1) for i in (0, 1, 2**16)]
     assert all(not torch.equal(a, b) for j, a in enumerate(streams) for b in streams[j + 1 :])
