@@ -397,6 +397,9 @@ def shortened_captions(captions, k, seed):
     out = []
     for caption in captions:
         parts = caption_parts(caption)
+        if not parts:  # an empty caption has nothing to shorten
+            out.append([caption] * k)
+            continue
         versions = []
         for _ in range(k):
             keep = torch.rand(len(parts), generator=g) < 0.5

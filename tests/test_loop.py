@@ -290,6 +290,7 @@ def test_caption_parts_cut_after_punctuation_and_shortened_versions_keep_them_in
     assert versions == image_data.shortened_captions([caption, "one part only"], 200, seed=3)  # seeded
     assert versions != image_data.shortened_captions([caption, "one part only"], 200, seed=4)
     assert versions[1] == ["one part only"] * 200
+    assert image_data.shortened_captions(["", "  "], 3, seed=0) == [[""] * 3, ["  "] * 3]  # nothing to cut
     seen = set()
     for v in versions[0]:
         kept = v.split(" ")
