@@ -116,7 +116,7 @@ weight_decay = 0.0
 min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0: the plain loss
 grad_clip = 1.0
 p_uncond = 0.1  # share of captions replaced by the empty caption, for classifier-free guidance
-# share of training captions shortened to a random subset of their parts (image_data.caption_parts: cut after , . ; :),
+# share of training captions shortened to a random subset of their parts (image_data.caption_parts cuts after ,.;:!?)
 # so that the words many captions share (a type, a color) must carry the image, not the name that fits only one
 caption_parts = 0.0
 flips = True  # random horizontal flips, of the images whose caption names no side (image_data.mirrorable)
