@@ -481,19 +481,32 @@ def global_batch_indices(step, n, global_batch, seed):
     return perm[pos * global_batch : (pos + 1) * global_batch]
 
 
-def get_batch(data, step, seed, rank, world, batch_size, p_uncond, num_timesteps, p_short=0.0):
+def shifted_timesteps(u, shift, num_timesteps):
+    """Timesteps from u uniform on [0, 1), warped toward the noisy end by `shift` s: t / T = s u / (1 + (s - 1) u),
+    the shift Esser et al. (2024) apply to their schedule at higher resolutions. s = 1 is uniform; s = 3 puts
+    half the timesteps above 3T/4. Its CDF, P(t / T <= x) = x / (s - (s - 1) x), is what tests check."""
+    warped = shift * u / (1 + (shift - 1) * u)
+    return (warped * num_timesteps).long().clamp(max=num_timesteps - 1)
+
+
+def get_batch(data, step, seed, rank, world, batch_size, p_uncond, num_timesteps, p_short=0.0, t_shift=1.0):
     """Rank `rank`'s slice of training batch `step`: (x0, context, mask, t, noise). Every random draw
     (caption dropout, flips, timesteps, noise, then with p_short > 0 which captions are shortened and to
     which version) is made for the global batch from (seed, step), in that order, and each rank takes its
-    slice: a resumed run replays the same batches, and N ranks see what one process would. On CUDA the
-    draws come from the GPU's generator, elsewhere the CPU's."""
+    slice: a resumed run replays the same batches, and N ranks see what one process would. Timesteps are
+    uniform, or with t_shift != 1 drawn by shifted_timesteps. On CUDA the draws come from the GPU's generator,
+    elsewhere the CPU's."""
     dev = data.train_images.device
     rng_dev = dev if dev.type == "cuda" else torch.device("cpu")  # on mps the step's draws come from the CPU
     G, B = batch_size * world, batch_size  # global and per-rank batch
     g = torch.Generator(device=rng_dev).manual_seed(seed * 1_000_003 + step)
     drop = (torch.rand(G, generator=g, device=rng_dev) < p_uncond).to(dev)
     flip = (torch.rand(G, generator=g, device=rng_dev) < 0.5).to(dev)
-    t = torch.randint(0, num_timesteps, (G,), generator=g, device=rng_dev).to(dev)
+    if t_shift == 1:
+        t = torch.randint(0, num_timesteps, (G,), generator=g, device=rng_dev).to(dev)
+    else:
+        u = torch.rand(G, generator=g, device=rng_dev, dtype=torch.float64)
+        t = shifted_timesteps(u, t_shift, num_timesteps).to(dev)
     noise = torch.randn((G, *data.train_images.shape[1:]), generator=g, device=rng_dev).to(dev)
     mine = slice(rank * B, (rank + 1) * B)
     idx = global_batch_indices(step, len(data.train_images), G, seed)[mine].to(dev)

@@ -114,6 +114,9 @@ min_lr = 2e-5
 warmup_steps = 500
 weight_decay = 0.0
 min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0: the plain loss
+t_shift = (
+    1.0  # training timesteps: 1 uniform, > 1 shifted toward noise (image_data.shifted_timesteps), < 1 toward clean
+)
 grad_clip = 1.0
 p_uncond = 0.1  # share of captions replaced by the empty caption, for classifier-free guidance
 # share of training captions shortened to a random subset of their parts (image_data.caption_parts cuts after ,.;:!?)
@@ -181,6 +184,7 @@ RANGES = dict(
     warmup_steps="[0, 1e9]",
     weight_decay="[0, 10]",
     min_snr_gamma="[0, 1e4]",
+    t_shift="(0, 100]",
     grad_clip="(0, 1e6]",
     p_uncond="[0, 1)",
     caption_parts="[0, 1]",
@@ -603,7 +607,16 @@ def train(C, sysinfo, stop, run_dir, data, state, evaluator, wandb_run):
 
         t_step = time.time()
         x0, context, mask, t, noise = get_batch(
-            data, step, C.seed, sysinfo.rank, sysinfo.world, C.batch_size, C.p_uncond, C.num_timesteps, C.caption_parts
+            data,
+            step,
+            C.seed,
+            sysinfo.rank,
+            sysinfo.world,
+            C.batch_size,
+            C.p_uncond,
+            C.num_timesteps,
+            C.caption_parts,
+            C.t_shift,
         )
         with sysinfo.autocast:
             loss = diffusion_loss(state.train_model, state.scheduler, x0, context, mask, t, noise, C.min_snr_gamma)

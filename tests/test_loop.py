@@ -348,6 +348,29 @@ def test_p_short_zero_leaves_batches_as_they_were_and_ranks_still_split_one_batc
         assert torch.equal(torch.cat([halves[0][k], halves[1][k]]), part), k
 
 
+def test_shifted_timesteps_follow_their_cdf_and_shift_one_is_todays_uniform_draw():
+    """t_shift s > 1 warps u ~ U[0, 1) to t / T = s u / (1 + (s - 1) u), whose CDF is x / (s - (s - 1) x): the share
+    of a large draw at or below each quarter of T matches it, and the median of s = 3 is 3T/4. With s = 1
+    get_batch draws exactly what it drew before the setting existed (torch.randint), step by step."""
+    T, n = 1000, 40000
+    for s in (0.5, 3.0):
+        t = image_data.shifted_timesteps(
+            torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64), s, T
+        )
+        assert 0 <= t.min() and t.max() < T
+        for x in (0.25, 0.5, 0.75):
+            assert_binomial(int((t < x * T).sum()), n, x / (s - (s - 1) * x), f"s={s}, t < {x}T")
+    assert abs(image_data.shifted_timesteps(torch.tensor([0.5], dtype=torch.float64), 3.0, T).item() - 750) <= 1
+    data = fake_data()
+    for step in (0, 7):
+        t = image_data.get_batch(data, step, 2, 0, 1, 8, 0.3, 50, t_shift=1.0)[3]
+        g = torch.Generator().manual_seed(2 * 1_000_003 + step)
+        torch.rand(8, generator=g), torch.rand(8, generator=g)  # caption dropout and flips come first
+        assert torch.equal(t, torch.randint(0, 50, (8,), generator=g))
+        shifted = image_data.get_batch(data, step, 2, 0, 1, 8, 0.3, 50, t_shift=3.0)[3]
+        assert not torch.equal(shifted, t)
+
+
 def test_load_data_embeds_each_training_captions_shortened_versions(tiny, tmp_path, train_in_process, monkeypatch):
     from PIL import Image
 
@@ -376,16 +399,17 @@ def test_load_data_embeds_each_training_captions_shortened_versions(tiny, tmp_pa
             assert not D.ctx_mask[row, L:].any()
     C0, _ = td.configure(args + [f"--dataset={tmp_path / 'art'}", "--batch_size=2"])
     assert image_data.load_data(C0, sysinfo).train_short_rows is None
-    shares = []  # the loop hands caption_parts to get_batch as p_short
-    monkeypatch.setattr(td, "get_batch", lambda *a, **k: shares.append(a[8]) or image_data.get_batch(*a, **k))
+    shares = []  # the loop hands caption_parts to get_batch as p_short, and t_shift as t_shift
+    monkeypatch.setattr(td, "get_batch", lambda *a, **k: shares.append(a[8:]) or image_data.get_batch(*a, **k))
     train_in_process(
         args
         + [
             f"--dataset={tmp_path / 'art'}",
             "--batch_size=2",
             "--caption_parts=0.5",
+            "--t_shift=3",
             "--max_steps=2",
             f"--out_dir={tmp_path / 'runs'}",
         ]
     )
-    assert shares == [0.5, 0.5]
+    assert shares == [(0.5, 3.0), (0.5, 3.0)]
