@@ -114,9 +114,8 @@ min_lr = 2e-5
 warmup_steps = 500
 weight_decay = 0.0
 min_snr_gamma = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0: the plain loss
-t_shift = (
-    1.0  # training timesteps: 1 uniform, > 1 shifted toward noise (image_data.shifted_timesteps), < 1 toward clean
-)
+# training timesteps: 1 uniform, > 1 shifted toward noise (image_data.shifted_timesteps), < 1 toward the clean end
+t_shift = 1.0
 grad_clip = 1.0
 p_uncond = 0.1  # share of captions replaced by the empty caption, for classifier-free guidance
 # share of training captions shortened to a random subset of their parts (image_data.caption_parts cuts after ,.;:!?)
