@@ -5,6 +5,7 @@ Without torchrun every helper is the one-process case. Also the stop signals (Ct
 """
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -36,35 +37,75 @@ def setup_device(C):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     precision = pick_precision(C.dtype, kind)
-    if precision == "bf16" and kind == "cpu" and not cpu_has_amx() and rank == 0:  # asked for: allowed, but said
+    if ddp and C.dtype == "auto":  # the CPU's timed probe could differ between ranks: rank 0's answer for all
+        box = [precision]
+        dist.broadcast_object_list(box, src=0)
+        precision = box[0]
+    if precision == "bf16" and kind == "cpu" and C.dtype == "bf16" and not cpu_bf16_pays() and rank == 0:
         print(
-            "warning: --dtype=bf16 on a CPU without AMX: its bf16 matmuls are emulated or no faster than fp32, so "
-            "training is slower, up to many times; --dtype=auto (or fp32) trains in fp32 here",
+            f"warning: --dtype=bf16 on a CPU whose bf16 matmuls run at {cpu_bf16_speedup():.2f}x its fp32 ones "
+            f"(emulated, or no faster without AMX): training is slower, up to many times; --dtype=auto (or fp32) "
+            f"trains in fp32 here",
             file=sys.stderr,
         )
     autocast = torch.autocast(kind, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    if precision == "bf16" and kind == "cpu":  # the banner says why: the measurement that decided it
+        precision_label = f"bf16 autocast (bf16 matmuls {cpu_bf16_speedup():.1f}x fp32 on this CPU)"
+    else:
+        precision_label = "bf16 autocast" if precision == "bf16" else "fp32"
     return SimpleNamespace(
-        ddp=ddp, rank=rank, world=world, device=dev, autocast=autocast, precision=precision, master=rank == 0
+        ddp=ddp,
+        rank=rank,
+        world=world,
+        device=dev,
+        autocast=autocast,
+        precision=precision,
+        precision_label=precision_label,
+        master=rank == 0,
     )
 
 
-def cpu_has_amx():
-    """Does this CPU have AMX (Intel's bf16 matrix tiles, Sapphire Rapids and later) that torch can use?"""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private helper: absent, say no
-    return bool(probe and probe())
+# bf16 pays on a CPU only where its bf16 matrix instructions clearly outrun its fp32 FMAs: the norms, attention,
+# casts and elementwise ops stay fp32 or get no faster, so the whole step gains much less than the matmuls
+# (docs/performance.md: a 0.57x matmul ratio made training slower, ratios near 4 and 7 made it 1.3-1.65x faster)
+BF16_MIN_MATMUL_SPEEDUP = 3.0
+
+
+@functools.cache
+def cpu_bf16_speedup(n=512):
+    """How many times faster this CPU multiplies two n x n matrices in bf16 than in fp32: the best of a few timed
+    tries each, a fraction of a second once per process. Measured rather than read from the CPU's flags, because
+    the flags do not tell: avx512_bf16 alone ran bf16 at 0.57x fp32 on one Xeon and at 3.9x on an AMD EPYC."""
+    a = torch.randn(n, n)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x  # oneDNN picks and builds its kernel on the first call
+        tries = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(2):
+                x @ x
+            tries.append(time.perf_counter() - t0)
+        seconds[dtype] = min(tries)  # the least disturbed try
+    return seconds[torch.float32] / seconds[torch.bfloat16]
+
+
+def cpu_bf16_pays():
+    return cpu_bf16_speedup() >= BF16_MIN_MATMUL_SPEEDUP
 
 
 def pick_precision(dtype, kind):
     """--dtype=auto|bf16|fp32 on a device kind -> "bf16" (matmuls and convolutions under bf16 autocast; the
     weights, the optimizer, the norms and, on the CPU, attention stay fp32) or "fp32". auto: bf16 on CUDA, and on
-    CPUs with AMX, whose bf16 tiles outrun their fp32 FMAs; fp32 on other CPUs, where bf16 kernels are no faster
-    (avx512_bf16 alone) or emulated, and on Apple's GPU (mps), whose bf16 support depends on the macOS and torch
-    versions."""
+    CPUs whose bf16 matmuls outrun their fp32 ones (cpu_bf16_pays: AMX tiles, some avx512_bf16 cores); fp32 on
+    other CPUs, where bf16 kernels are no faster or emulated, and on Apple's GPU (mps), whose bf16 support depends
+    on the macOS and torch versions."""
     if dtype == "bf16" and kind == "mps":
         raise UserError("--dtype=bf16 on Apple's GPU (mps) is not supported here: use --dtype=fp32 or auto")
     if dtype != "auto":
         return dtype
-    return "bf16" if kind == "cuda" or (kind == "cpu" and cpu_has_amx()) else "fp32"
+    return "bf16" if kind == "cuda" or (kind == "cpu" and cpu_bf16_pays()) else "fp32"
 
 
 def from_rank0(sysinfo, value):

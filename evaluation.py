@@ -168,7 +168,7 @@ def run_banner(C, data, state, run_dir, sysinfo):
         f"{data.name}: {len(data.train_images)} train / {len(data.val_images)} val images at {C.image_size}px",
         f"text {C.text_encoder} ({data.context_dim}-d, {len(data.ctx_table)} distinct captions)",
         f"U-Net {n_params / 1e6:.1f}M params, predicts {C.prediction_type}",
-        f"{sysinfo.device}, {'bf16 autocast' if sysinfo.precision == 'bf16' else 'fp32'}",
+        f"{sysinfo.device}, {sysinfo.precision_label}",
     ]
     if sysinfo.ddp:
         parts.append(f"distributed: {sysinfo.world} ranks, global batch {C.batch_size * sysinfo.world}")

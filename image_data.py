@@ -390,15 +390,20 @@ def caption_parts(caption):
     return [part for part in re.split(r"(?<=[,.;:!?])\s+", caption.strip()) if part]
 
 
-def shortened_captions(captions, k, seed):
-    """k shortened versions of each caption: each keeps every part with probability 1/2 (in order, at least
-    one part). A caption of one part stays itself. Seeded: every rank and every resume builds the same."""
+def shortened_captions(captions, k, seed, cut="random"):
+    """k shortened versions of each caption. cut="random": each keeps every part with probability 1/2 (in order,
+    at least one part); cut="first": all k drop the first part only (in pokedex-art the name, which fits one image
+    and is never seen again in a held-out caption). A caption of one part stays itself. Seeded: every rank and
+    every resume builds the same."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for caption in captions:
         parts = caption_parts(caption)
-        if not parts:  # an empty caption has nothing to shorten
+        if not parts or (cut == "first" and len(parts) == 1):  # nothing to cut
             out.append([caption] * k)
+            continue
+        if cut == "first":
+            out.append([" ".join(parts[1:])] * k)
             continue
         versions = []
         for _ in range(k):
@@ -420,7 +425,9 @@ def load_data(C, sysinfo):
     val_idx, train_idx = split_indices(len(images), C.seed, C.val_fraction, C.eval_images)
     short = []  # the training captions' shortened versions, (N_train x CAPTION_VARIANTS) flattened
     if C.caption_parts > 0:
-        versions = shortened_captions([captions[i] for i in train_idx.tolist()], CAPTION_VARIANTS, C.seed)
+        versions = shortened_captions(
+            [captions[i] for i in train_idx.tolist()], CAPTION_VARIANTS, C.seed, C.caption_cut
+        )
         short = [v for vs in versions for v in vs]
     ctx_table, ctx_mask, all_rows = encode_captions(encoder, captions + short)
     rows = all_rows[: len(captions)]

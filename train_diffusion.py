@@ -121,6 +121,9 @@ p_uncond = 0.1  # share of captions replaced by the empty caption, for classifie
 # share of training captions shortened to a random subset of their parts (image_data.caption_parts cuts after ,.;:!?)
 # so that the words many captions share (a type, a color) must carry the image, not the name that fits only one
 caption_parts = 0.0
+caption_cut = (
+    "random"  # how a caption is shortened: random (each part kept with p 1/2) | first (the first part dropped)
+)
 flips = True  # random horizontal flips, of the images whose caption names no side (image_data.mirrorable)
 ema_decay = 0.999  # EMA of the weights, warmed up as min(ema_decay, (1 + k) / (10 + k))
 # evaluation, samples, checkpoints, logging
@@ -145,7 +148,8 @@ wandb_mode = "auto"  # auto (online when logged in, else offline) | online | off
 wandb_project = "text-diffusion"
 # system
 device = "auto"  # auto (CUDA, else Apple's mps, else the CPU) | cuda | mps | cpu
-# the matmuls' and convolutions' precision: auto (bf16 autocast on CUDA and on CPUs with AMX, else fp32) | bf16 | fp32
+# the matmuls' and convolutions' precision: auto (bf16 autocast on CUDA and on CPUs whose bf16 matmuls measure >= 3x
+# their fp32 ones at start, e.g. AMX; else fp32) | bf16 | fp32
 dtype = "auto"
 compile = False  # torch.compile the U-Net for training
 seed = 0
@@ -187,6 +191,7 @@ RANGES = dict(
     grad_clip="(0, 1e6]",
     p_uncond="[0, 1)",
     caption_parts="[0, 1]",
+    caption_cut=("random", "first"),
     flips="bool",
     ema_decay="[0, 1)",
     eval_interval="[1, 1e9]",

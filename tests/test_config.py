@@ -674,27 +674,38 @@ def test_apples_gpu_trains_the_cpu_recipe_in_fp32_in_one_process(monkeypatch, ca
         distributed.setup_device(C)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_amx_else_fp32(monkeypatch, capsys, amx):
-    monkeypatch.setattr(distributed, "cpu_has_amx", lambda: amx)
-    assert distributed.pick_precision("auto", "cpu") == ("bf16" if amx else "fp32")
+@pytest.mark.parametrize("speedup", [0.6, 2.9, 3.0, 7.1])  # measured: 0.57 Xeon without AMX, 3.9 EPYC, 7.1 AMX
+def test_auto_precision_is_bf16_on_cuda_and_on_cpus_whose_bf16_matmuls_pay_else_fp32(monkeypatch, capsys, speedup):
+    monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: speedup)
+    pays = speedup >= distributed.BF16_MIN_MATMUL_SPEEDUP
+    assert distributed.pick_precision("auto", "cpu") == ("bf16" if pays else "fp32")
     assert distributed.pick_precision("auto", "cuda") == "bf16"
     assert distributed.pick_precision("auto", "mps") == "fp32"
-    for kind in ("cpu", "cuda"):  # asked for, either one, with or without AMX
+    for kind in ("cpu", "cuda"):  # asked for, either one, whatever the CPU measures
         assert distributed.pick_precision("bf16", kind) == "bf16" and distributed.pick_precision("fp32", kind) == "fp32"
     with pytest.raises(configurator.UserError, match="--dtype=bf16 on Apple's GPU .* use --dtype=fp32 or auto"):
         distributed.pick_precision("bf16", "mps")
     C, _ = td.configure(["--device=cpu"])
     sysinfo = distributed.setup_device(C)
-    assert sysinfo.precision == ("bf16" if amx else "fp32")
-    assert isinstance(sysinfo.autocast, torch.autocast) == amx
+    assert sysinfo.precision == ("bf16" if pays else "fp32")
+    assert isinstance(sysinfo.autocast, torch.autocast) == pays
+    label = f"bf16 autocast (bf16 matmuls {speedup:.1f}x fp32 on this CPU)"  # the banner says what decided it
+    assert sysinfo.precision_label == (label if pays else "fp32")
     C, _ = td.configure(["--device=cpu", "--dtype=fp32"])
     assert not isinstance(distributed.setup_device(C).autocast, torch.autocast)
     capsys.readouterr()
-    C, _ = td.configure(["--device=cpu", "--dtype=bf16"])  # asked for without AMX: granted, with a warning
+    C, _ = td.configure(["--device=cpu", "--dtype=bf16"])  # asked for where it does not pay: granted, with a warning
     assert distributed.setup_device(C).precision == "bf16"
     warned = capsys.readouterr().err
-    assert warned.count("warning: --dtype=bf16 on a CPU without AMX") == (not amx), warned
+    assert warned.count(f"warning: --dtype=bf16 on a CPU whose bf16 matmuls run at {speedup:.2f}x") == (not pays)
+
+
+def test_the_cpu_bf16_probe_times_real_matmuls_once_per_process():
+    distributed.cpu_bf16_speedup.cache_clear()
+    first = distributed.cpu_bf16_speedup()
+    assert math.isfinite(first) and first > 0
+    assert distributed.cpu_bf16_speedup() == first  # cached: every setup_device of a process decides alike
+    assert distributed.cpu_bf16_speedup.cache_info().hits >= 1
 
 
 def test_the_training_settings_read_as_data_are_the_scripts_defaults():

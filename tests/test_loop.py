@@ -291,6 +291,8 @@ def test_caption_parts_cut_after_punctuation_and_shortened_versions_keep_them_in
     assert versions != image_data.shortened_captions([caption, "one part only"], 200, seed=4)
     assert versions[1] == ["one part only"] * 200
     assert image_data.shortened_captions(["", "  "], 3, seed=0) == [[""] * 3, ["  "] * 3]  # nothing to cut
+    first = image_data.shortened_captions([caption, "one part only", ""], 4, seed=3, cut="first")
+    assert first == [[" ".join(parts[1:])] * 4, ["one part only"] * 4, [""] * 4]  # the name goes, the rest stays
     seen = set()
     for v in versions[0]:
         kept = v.split(" ")
@@ -371,7 +373,8 @@ def test_shifted_timesteps_follow_their_cdf_and_shift_one_is_todays_uniform_draw
         assert not torch.equal(shifted, t)
 
 
-def test_load_data_embeds_each_training_captions_shortened_versions(tiny, tmp_path, train_in_process, monkeypatch):
+@pytest.mark.parametrize("cut", ["random", "first"])
+def test_load_data_embeds_each_training_captions_shortened_versions(tiny, tmp_path, train_in_process, monkeypatch, cut):
     from PIL import Image
 
     (tmp_path / "art").mkdir()
@@ -381,7 +384,9 @@ def test_load_data_embeds_each_training_captions_shortened_versions(tiny, tmp_pa
         rows.append(f'{{"file_name": "{i}.png", "text": "Mon{i}, a water type pokemon. It swims number {i}."}}')
     (tmp_path / "art" / "metadata.jsonl").write_text("\n".join(rows))
     args = [a for a in tiny if not a.startswith(("--dataset", "--batch_size"))]
-    C, _ = td.configure(args + [f"--dataset={tmp_path / 'art'}", "--batch_size=2", "--caption_parts=0.5"])
+    C, _ = td.configure(
+        args + [f"--dataset={tmp_path / 'art'}", "--batch_size=2", "--caption_parts=0.5", f"--caption_cut={cut}"]
+    )
     sysinfo = SimpleNamespace(device=torch.device("cpu"), master=True, world=1)
     D = image_data.load_data(C, sysinfo)
     K = image_data.CAPTION_VARIANTS
@@ -389,7 +394,9 @@ def test_load_data_embeds_each_training_captions_shortened_versions(tiny, tmp_pa
     encoder = text_encoders.TextEncoder("minilm", torch.device("cpu"))
     captions = [f"Mon{i}, a water type pokemon. It swims number {i}." for i in range(10)]
     train_idx = image_data.split_indices(10, C.seed, C.val_fraction, C.eval_images)[1].tolist()
-    versions = image_data.shortened_captions([captions[i] for i in train_idx], K, C.seed)
+    versions = image_data.shortened_captions([captions[i] for i in train_idx], K, C.seed, cut)
+    if cut == "first":  # computed another way: the caption after its first comma
+        assert versions[0] == [captions[train_idx[0]].split(", ", 1)[1]] * K
     for j in (0, len(train_idx) - 1):  # each row holds the embedding of that version, computed here alone
         for k in (0, K - 1):
             ctx, mask = encoder([versions[j][k]])
