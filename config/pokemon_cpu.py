@@ -18,8 +18,9 @@ lr = 2e-3  # the learning rate the ablation chose on equal minutes (docs/ablatio
 min_lr = 2e-4
 warmup_steps = 100
 # 9000 x 32 = 288,000 images: about 400 passes over the 718 training images of pokedex-art. Chosen for bf16
-# (dtype auto on a CPU with AMX), where 9000 steps cost about the minutes 6000 cost in fp32; on a CPU without AMX,
-# --max_steps=6000 keeps the fp32 recipe's minutes (docs/results.md)
+# (dtype auto on a CPU whose bf16 matmuls pay: AMX, an AVX-512-bf16 AMD EPYC), where 9000 steps cost about the
+# minutes 6000 cost in fp32; where auto trains in fp32, --max_steps=6000 keeps the fp32 recipe's minutes
+# (docs/results.md)
 max_steps = 9000
 val_fraction = 0.2  # KID wants a few hundred held-out images; 5% of the Hub's 833 would be 41
 eval_interval = 3000
