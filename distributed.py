@@ -37,14 +37,12 @@ def setup_device(C):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     precision = pick_precision(C.dtype, kind)
-    if ddp and C.dtype == "auto":  # the CPU's timed probe could differ between ranks: rank 0's answer for all
-        box = [precision]
-        dist.broadcast_object_list(box, src=0)
-        precision = box[0]
-    if precision == "bf16" and kind == "cpu" and C.dtype == "bf16" and not cpu_bf16_pays() and rank == 0:
+    if C.dtype == "auto":  # the CPU's timed probe could differ between ranks: rank 0's answer for all
+        precision = from_rank0(SimpleNamespace(ddp=ddp), precision)
+    if C.dtype == "bf16" and kind == "cpu" and not cpu_bf16_pays() and rank == 0:  # asked for: allowed, but said
         print(
             f"warning: --dtype=bf16 on a CPU whose bf16 matmuls run at {cpu_bf16_speedup():.2f}x its fp32 ones "
-            f"(emulated, or no faster without AMX): training is slower, up to many times; --dtype=auto (or fp32) "
+            f"(emulated, or no faster): training is slower, up to many times; --dtype=auto (or fp32) "
             f"trains in fp32 here",
             file=sys.stderr,
         )

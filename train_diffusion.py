@@ -121,9 +121,8 @@ p_uncond = 0.1  # share of captions replaced by the empty caption, for classifie
 # share of training captions shortened to a random subset of their parts (image_data.caption_parts cuts after ,.;:!?)
 # so that the words many captions share (a type, a color) must carry the image, not the name that fits only one
 caption_parts = 0.0
-caption_cut = (
-    "random"  # how a caption is shortened: random (each part kept with p 1/2) | first (the first part dropped)
-)
+# how a caption is shortened: random (each part kept with p 1/2) | first (the first part, pokedex-art's name, dropped)
+caption_cut = "random"
 flips = True  # random horizontal flips, of the images whose caption names no side (image_data.mirrorable)
 ema_decay = 0.999  # EMA of the weights, warmed up as min(ema_decay, (1 + k) / (10 + k))
 # evaluation, samples, checkpoints, logging

@@ -13,9 +13,9 @@ With --bf16, channels_last again under torch.autocast("cpu", bfloat16), as train
 --dtype=bf16: the matmuls and convolutions in bf16, the weights, the optimizer, the norms and
 attention in fp32 (diffusion_model.GroupNorm32 and attention()); and once more as plain autocast
 leaves it, with GroupNorm and attention in bf16 too, which shows what those two exceptions buy. It
-pays only on CPUs whose bf16 matrix instructions outrun their fp32 FMAs (AMX does; avx512_bf16
-alone did not: docs/performance.md); --bf16 also prints the raw matmul and 3x3 convolution rates
-in fp32 and bf16 that set this ceiling, and --profile the ops that take the most time in each bf16
+pays only on CPUs whose bf16 matrix instructions outrun their fp32 FMAs (AMX does, and avx512_bf16 on an
+AMD EPYC; avx512_bf16 on a Xeon did not: docs/performance.md); --bf16 also prints the raw matmul and
+3x3 convolution rates in fp32 and bf16 that set this ceiling, and --profile the ops that take the most time in each bf16
 setup (torch.profiler, 5 steps). Setups are timed in turn (NCHW, channels_last, compiled,
 NCHW, ...) for --rounds rounds of --steps steps each, so that a slow spell of the machine hits all
 of them; the table shows the median images/s, its ratio to NCHW, and for torch.compile the seconds
