@@ -660,7 +660,8 @@ def budget_line(C, step, elapsed, timed, eval_seconds):
     n = steps_in_budget(C, step, elapsed, per_step, per_eval)
     tqdm.write(
         f"time budget {C.max_minutes:g} min: {C.batch_size / per_step:.0f} img/s over steps {BUDGET_STEPS.start}-"
-        f"{BUDGET_STEPS.stop - 1}, {per_eval:.0f} s an evaluation -> max_steps {n} (instead of {C.max_steps})"
+        f"{BUDGET_STEPS.stop - 1}, {per_eval:.0f} s an evaluation -> max_steps {n} (instead of {C.max_steps}: "
+        f"--max_minutes=0 keeps a fixed max_steps)"
     )
     return n
 

@@ -271,7 +271,7 @@ def test_a_time_budget_sets_max_steps_once_and_the_checkpoint_keeps_it(tiny, tra
     run_dir = train_in_process(argv)
     out = capsys.readouterr()
     line = [ln for ln in (out.out + out.err).splitlines() if ln.startswith("time budget 0.05 min")]
-    assert len(line) == 1 and "(instead of 100000)" in line[0], line
+    assert len(line) == 1 and "(instead of 100000: --max_minutes=0 keeps" in line[0], line
     fitted = int(line[0].split("max_steps ")[1].split()[0])
     ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     assert ckpt["step"] == ckpt["config"]["max_steps"] == fitted > 60
