@@ -578,26 +578,32 @@ class SamplerConfig:
 
     sampler: "ddpm" (all T steps), "ddim" or "dpmpp_2m" (`steps` trailing steps).
     eta: DDIM's noise, 0 deterministic .. 1 stochastic like DDPM; only DDIM reads it.
-    guidance_scale w and guidance_t_min: classifier-free guidance at noise levels t >= guidance_t_min."""
+    guidance_scale w and guidance_t_min: classifier-free guidance at noise levels t >= guidance_t_min.
+    focus_scale w_f: at the same steps, guidance toward a focus, a second text that says what should weigh
+        more than the rest of the caption (`guided_output`); the caller hands `sample` its context."""
 
     sampler: str = "ddpm"
     steps: int = 50
     eta: float = 0.0
     guidance_scale: float = 1.0
     guidance_t_min: int = 0
+    focus_scale: float = 0.0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}: use one of {', '.join(SAMPLERS)}")
         if not self.guidance_scale >= 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if not self.focus_scale >= 0:
+            raise ValueError(f"focus_scale must be >= 0, got {self.focus_scale}")
         if not 0 <= self.eta <= 1:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
 
     @classmethod
     def from_settings(cls, settings):
-        """The sampler of a script's settings (an object with these fields among others)."""
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+        """The sampler of a script's settings (an object with these fields among others; one it lacks keeps
+        its default: training's evaluations have no focus)."""
+        return cls(**{f.name: getattr(settings, f.name, f.default) for f in fields(cls)})
 
     def timesteps(self, num_timesteps):
         """The noise levels visited, from T-1 down: all of them for DDPM, `steps` trailing ones otherwise."""
@@ -614,20 +620,36 @@ class SamplerConfig:
             unused["eta"] = (
                 f"{self.sampler} draws its own noise" if self.sampler == "ddpm" else "dpmpp_2m is deterministic"
             )
-        if self.guidance_scale in (0.0, 1.0):
+        if self.guidance_scale in (0.0, 1.0) and self.focus_scale == 0:
             unused["guidance_t_min"] = f"guidance_scale {self.guidance_scale:g} guides no step"
         return unused
 
 
-def guided_output(model, x, t, cond, uncond, guidance_scale):
+def guided_output(model, x, t, cond, uncond, guidance_scale, focus=None, focus_scale=0.0):
     """Classifier-free guidance (Ho & Salimans 2022): out = out_u + w * (out_c - out_u), on eps or
     on v alike (both are linear in x_0 and eps at a fixed x_t, so guiding either is the same).
     w = 1 is the plain conditional model, w = 0 the unconditional one, w > 1 pushes harder toward
-    the caption. Both predictions come from one forward pass over a doubled batch.
-    cond and uncond are (context (B, L, D), mask (B, L)) with the same L."""
-    (c, c_mask), (u, u_mask) = cond, uncond
-    out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, u]), torch.cat([c_mask, u_mask])).chunk(2)
-    return out_u + guidance_scale * (out_c - out_u)
+    the caption.
+
+    A focus (a second context, e.g. the caption's type alone) adds its own push, as composable
+    diffusion (Liu et al. 2022) adds one term per prompt: out = out_u + w (out_c - out_u) + w_f (out_f - out_u).
+    A word that the whole caption drowns out gets a weight of its own.
+    All predictions come from one forward pass over a batch of two (or, with a focus, three) copies.
+    cond, uncond and focus are (context (B, L, D), mask (B, L)) with the same L."""
+    contexts = [cond, uncond] + ([focus] if focus_scale else [])
+    n = len(contexts)
+    outs = model(
+        torch.cat([x] * n), torch.cat([t] * n), torch.cat([c for c, _ in contexts]), torch.cat([m for _, m in contexts])
+    ).chunk(n)
+    out = outs[1] + guidance_scale * (outs[0] - outs[1])
+    return out + focus_scale * (outs[2] - outs[1]) if focus_scale else out
+
+
+def pad_context(context, L):
+    """(tokens (B, L0, D), mask (B, L0)) -> length L >= L0, the new tokens masked out: no query attends
+    to them, so the U-Net's output does not change. Contexts of different lengths can then share a batch."""
+    tokens, mask = context
+    return F.pad(tokens, (0, 0, 0, L - tokens.shape[1])), F.pad(mask, (0, L - mask.shape[1]))
 
 
 class Denoiser:
@@ -636,27 +658,37 @@ class Denoiser:
     clipped image, so that the two stay consistent with x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps.
 
     Guidance lives here, not in the samplers: at t >= guidance_t_min the output is guided with
-    scale w (one forward of a doubled batch); below, the conditional model alone (one forward).
-    Guiding only an interval (Kynkaanniemi et al. 2024) keeps the nearly clean steps from bending
-    held-out color x shape pairs into seen ones. w = 0 is the unconditional model at every step."""
+    scale w (and focus_scale w_f toward `focus`) in one forward of a doubled (tripled) batch; below,
+    the conditional model alone (one forward). Guiding only an interval (Kynkaanniemi et al. 2024)
+    keeps the nearly clean steps from bending held-out color x shape pairs into seen ones. w = 0 is
+    the unconditional model at every step."""
 
-    def __init__(self, model, scheduler, cond, uncond=None, guidance_scale=1.0, guidance_t_min=0):
+    def __init__(
+        self, model, scheduler, cond, uncond=None, guidance_scale=1.0, guidance_t_min=0, focus=None, focus_scale=0.0
+    ):
         B = cond[0].shape[0]
-        if guidance_scale != 1.0:
+        expand = lambda c: tuple(part.expand(B, *part.shape[1:]) for part in c)  # batch 1 or B -> B
+        if guidance_scale != 1.0 or focus_scale:
             assert uncond is not None, "classifier-free guidance needs the unconditional (empty caption) context"
-            uncond = tuple(u.expand(B, *u.shape[1:]) for u in uncond)  # batch 1 or B -> B
-        self.model, self.scheduler, self.cond, self.uncond = model, scheduler, cond, uncond
-        self.w, self.t_min = guidance_scale, guidance_t_min
+            uncond = expand(uncond)
+        if focus_scale:
+            assert focus is not None, "focus_scale > 0 needs the focus's context"
+            L = max(cond[0].shape[1], uncond[0].shape[1], focus[0].shape[1])
+            cond, uncond, focus = (pad_context(expand(c), L) for c in (cond, uncond, focus))
+        self.model, self.scheduler, self.cond, self.uncond, self.focus = model, scheduler, cond, uncond, focus
+        self.w, self.t_min, self.w_f = guidance_scale, guidance_t_min, focus_scale
 
     def __call__(self, x, t):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)  # (B,)
-        w = self.w if t >= self.t_min or self.w == 0.0 else 1.0
-        if w == 1.0:  # the guided formula reduces to one of its two terms: skip the other
+        guided = t >= self.t_min
+        w = self.w if guided or self.w == 0.0 else 1.0
+        w_f = self.w_f if guided else 0.0
+        if w == 1.0 and w_f == 0.0:  # the guided formula reduces to one of its terms: skip the others
             out = self.model(x, tt, *self.cond)
-        elif w == 0.0:
+        elif w == 0.0 and w_f == 0.0:
             out = self.model(x, tt, *self.uncond)
         else:
-            out = guided_output(self.model, x, tt, self.cond, self.uncond, w)
+            out = guided_output(self.model, x, tt, self.cond, self.uncond, w, self.focus, w_f)
         x0 = self.scheduler.predict_x0_eps(x, tt, out.float())[0].clamp(-1, 1)
         return x0, self.scheduler.predict_eps(x, tt, x0)
 
@@ -756,14 +788,24 @@ def image_generators(seed, n, start=0):
 
 @torch.no_grad()
 def sample(
-    model, scheduler, cond, uncond=None, settings=SamplerConfig(), generator=0, callback=None, progress=False, **changes
+    model,
+    scheduler,
+    cond,
+    uncond=None,
+    settings=SamplerConfig(),
+    generator=0,
+    callback=None,
+    progress=False,
+    focus=None,
+    **changes,
 ):
     """Draw one image per caption in `cond` = (context (B, L, D), mask (B, L)) with the sampler that
     `settings` (a SamplerConfig) names; keyword arguments change single fields of it
     (`sample(..., sampler="ddim", steps=25)`).
 
     uncond: the unconditional (empty caption) context and mask, of batch 1 or B; needed when
-        settings.guidance_scale != 1.
+        settings.guidance_scale != 1 or settings.focus_scale > 0.
+    focus: the focus's context and mask (batch 1 or B, any length); needed when settings.focus_scale > 0.
     generator: a seed, a CPU torch.Generator, or a list of B of them (`image_generators`: one noise
         stream per image). All noise is drawn on the CPU and then moved, so a seed gives the same
         images on every run and device.
@@ -781,7 +823,7 @@ def sample(
         noise = lambda: torch.randn(B, *shape, generator=g).to(device)
 
     timesteps = S.timesteps(scheduler.num_timesteps)
-    denoise = Denoiser(model, scheduler, cond, uncond, S.guidance_scale, S.guidance_t_min)
+    denoise = Denoiser(model, scheduler, cond, uncond, S.guidance_scale, S.guidance_t_min, focus, S.focus_scale)
     bar = tqdm(total=len(timesteps), desc=f"{S.sampler} sampling", disable=not progress, leave=False)
 
     def step_done(i, t, x_t, x0):

@@ -21,6 +21,7 @@ from diffusion_model import (
     diffusion_loss,
     guided_output,
     image_generators,
+    pad_context,
     position_embedding_2d,
     sample,
     timestep_embedding,
@@ -409,6 +410,49 @@ def test_guidance_in_an_interval_guides_exactly_the_steps_at_or_above_t_min():
     assert torch.equal(run(guidance_scale=3.0, guidance_t_min=50), run(guidance_scale=1.0))
     assert torch.equal(run(guidance_scale=0.0, guidance_t_min=20), run(guidance_scale=0.0))
     assert (mixed - run(guidance_scale=3.0)).abs().max() > 1e-4 and (mixed - run(guidance_scale=1.0)).abs().max() > 1e-4
+
+
+def test_focus_guidance_adds_its_own_term_in_one_tripled_batch():
+    """out_u + w (out_c - out_u) + w_f (out_f - out_u), with each prediction computed on its own; a
+    focus of another token length (padded, masked) and of batch 1 gives the same as one of the caption's."""
+    model = tiny_unet()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    cond, uncond, focus = text(2, 4, seed=1), text(2, 4, seed=2), text(2, 4, seed=3)
+    eps_c, eps_u, eps_f = (model(x, t, *c) for c in (cond, uncond, focus))
+    out = guided_output(model, x, t, cond, uncond, 3.0, focus, 0.5)
+    assert torch.allclose(out, eps_u + 3 * (eps_c - eps_u) + 0.5 * (eps_f - eps_u), atol=1e-5)
+    assert torch.equal(
+        guided_output(model, x, t, cond, uncond, 3.0, focus, 0.0), guided_output(model, x, t, cond, uncond, 3.0)
+    )
+    short = text(1, 2, seed=4)
+    padded = pad_context(short, 4)
+    assert padded[0].shape == (1, 4, 16) and padded[1].tolist() == [[True, True, False, False]]
+    assert torch.allclose(model(x[:1], t[:1], *padded), model(x[:1], t[:1], *short), atol=1e-5)
+    sch = NoiseScheduler(50)
+    draw = lambda f: sample(
+        model, sch, cond, uncond, sampler="ddim", steps=3, guidance_scale=3.0, focus_scale=0.5, focus=f
+    )
+    one, both = draw(short), draw(tuple(p.expand(2, *p.shape[1:]) for p in padded))
+    assert (one - both).abs().max() < 1e-5
+
+
+def test_focus_guidance_guides_the_same_steps_as_cfg_and_scale_zero_changes_nothing():
+    model, sch = tiny_unet(), NoiseScheduler(50)
+    cond, uncond, focus = text(2, 4, seed=1), text(1, 4, seed=2), text(2, 3, seed=3)
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, out: calls.append((int(args[1][0]), args[0].shape[0])))
+    run = lambda **kw: sample(model, sch, cond, uncond, sampler="ddim", steps=5, guidance_t_min=20, **kw)
+    focused = run(guidance_scale=3.0, focus=focus, focus_scale=1.0)
+    assert calls == [(49, 6), (39, 6), (29, 6), (19, 2), (9, 2)]  # three copies where CFG guides, the caption below
+    calls.clear()
+    run(guidance_scale=1.0, focus=focus, focus_scale=1.0)  # w = 1 still needs out_u for the focus's term
+    assert calls == [(49, 6), (39, 6), (29, 6), (19, 2), (9, 2)]
+    hook.remove()
+    assert torch.equal(run(guidance_scale=3.0, focus=focus, focus_scale=0.0), run(guidance_scale=3.0))
+    assert (focused - run(guidance_scale=3.0)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="focus_scale must be >= 0"):
+        SamplerConfig(focus_scale=-1.0)
+    assert set(SamplerConfig(sampler="ddim", guidance_scale=1.0, focus_scale=1.0).unused()) == set()
 
 
 def test_ddim_timesteps_trailing():
