@@ -173,6 +173,13 @@ def primary_type(caption):
     return found.group(1).lower() if found else None
 
 
+def type_phrase(caption):
+    """'Bulbasaur, a grass and poison type seed pokemon. ...' -> 'a grass and poison type pokemon': the
+    caption's type alone, a focus for the sampler (diffusion_model.guided_output); None when no type is named."""
+    found = TYPE_PATTERN.search(caption)
+    return f"{found.group(0).lower()} pokemon" if found else None
+
+
 class TypeProbe:
     """Multinomial logistic regression on standardised features, fitted with L-BFGS and an L2 penalty."""
 

@@ -6,7 +6,8 @@ Draw images from a trained checkpoint. Edit the constants below, or override any
 
 Writes into out_dir:
     generated_image_pokemon.png       the plain conditional model (guidance_scale = 1, no guidance)
-    generated_image_pokemon_cfg.png   classifier-free guidance at guidance_scale (at noise levels t >= guidance_t_min)
+    generated_image_pokemon_cfg.png   classifier-free guidance at guidance_scale (at noise levels t >= guidance_t_min),
+                                      and toward the focus at focus_scale where one is given
 With num_images > 1 each file is a grid (of the first 64), and every image is also written alone
 (generated_image_pokemon_000.png, ..., generated_image_pokemon_cfg_000.png, ...), sampled
 batch_size at a time. Both runs start from the same noise, so the two files differ only by the guidance.
@@ -32,6 +33,11 @@ guidance_scale = 3.0  # CFG weight w: out = out_u + w (out_c - out_u); 3 judges 
 # guide only at noise levels t >= this, the conditional model below (guiding the nearly clean steps bends unseen pairs
 # into seen ones); 0 guides every step
 guidance_t_min = 300
+# a part of the prompt to weigh more, guided toward on its own at the same steps (composable diffusion): the _cfg
+# image's out = out_u + w (out_c - out_u) + focus_scale (out_focus - out_u); e.g. a Pokémon caption's type,
+# focus="a fire type pokemon" (docs/results.md)
+focus = ""
+focus_scale = 0.0
 num_images = 4  # images per file
 batch_size = 64  # images sampled at once (memory); the images do not depend on it
 # ddpm (all T steps, Ho et al.) | ddim (Song et al.) | dpmpp_2m (DPM-Solver++(2M), Lu et al.): `steps` steps
@@ -51,6 +57,8 @@ RANGES = dict(
     condition="text",
     guidance_scale="[0, 100]",
     guidance_t_min="[0, 100000]",
+    focus="text",
+    focus_scale="[0, 100]",
     num_images="[1, 1000000]",
     batch_size="[1, 4096]",
     sampler=tuple(SAMPLERS),
@@ -74,6 +82,13 @@ def main(argv):
     for key, why in S.unused().items():
         if key in explicit:
             print(f"warning: --{key} has no effect: {why}", file=sys.stderr)
+    if C.focus_scale > 0 and not C.focus:
+        raise UserError(
+            f"--focus_scale={C.focus_scale:g} needs a focus: pass the part of the prompt to weigh more, "
+            'e.g. --focus="a fire type pokemon"'
+        )
+    if C.focus and C.focus_scale == 0:
+        print("warning: --focus has no effect: focus_scale is 0 (pass --focus_scale=1, say)", file=sys.stderr)
 
     where = C.checkpoint or C.out_dir
     path = find_checkpoint(where)
@@ -107,6 +122,7 @@ def main(argv):
     if encoder.count_truncated([prompt]):
         print(f"warning: the prompt is longer than {encoder.max_length} tokens and was cut there", file=sys.stderr)
     cond, uncond = embed_prompts(encoder, [prompt], dev)
+    focus = embed_prompts(encoder, [C.focus], dev)[0] if C.focus_scale else None  # the sampler pads the lengths
     del encoder
     how = {"ddpm": "ddpm, all steps", "ddim": f"ddim, {C.steps} steps, eta {C.eta:g}"}.get(
         C.sampler, f"{C.sampler}, {C.steps} steps"
@@ -127,7 +143,7 @@ def main(argv):
         if i in keep:
             trajectory.append((x_t[:1].cpu(), x0[:1].cpu()))
 
-    for suffix, w in (("", 1.0), ("_cfg", C.guidance_scale)):
+    for suffix, w, w_f in (("", 1.0, 0.0), ("_cfg", C.guidance_scale, C.focus_scale)):
         grid = []
         for start in range(0, C.num_images, C.batch_size):
             n = min(C.batch_size, C.num_images - start)
@@ -141,7 +157,9 @@ def main(argv):
                 generator=image_generators(C.seed, n, start),
                 progress=True,
                 callback=record if (C.save_trajectory and suffix == "_cfg" and start == 0) else None,
+                focus=focus,
                 guidance_scale=w,
+                focus_scale=w_f,
             )
             grid.append(images[: max(0, GRID_MAX - start)].cpu())
             if C.num_images > 1:
@@ -151,6 +169,7 @@ def main(argv):
         save_grid(grid, os.path.join(C.out_dir, f"{NAME}{suffix}.png"), nrow=min(8, len(grid)))
         print(
             f"wrote {os.path.join(C.out_dir, NAME + suffix + '.png')} (guidance {w:g}"
+            + (f", focus {C.focus!r} at {w_f:g}" if w_f else "")
             + (f", {len(grid)} of {C.num_images} images; each one is also written alone" if C.num_images > 1 else "")
             + f"): {prompt!r}"
         )

@@ -15,7 +15,8 @@ on held-out art (threshold from one half of it, share measured on the other: nea
 type probe's ceiling (held-out real art) and floor (the majority type).
 
 A checkpoint: one sample per held-out caption (EMA weights, --sampler with --steps (and --eta for
-ddim), CFG --guidance_scale at t >= --guidance_t_min), then KID, FD and the copy share against the held-out art,
+ddim), CFG --guidance_scale at t >= --guidance_t_min, and with --focus_scale > 0 guidance toward each caption's
+type alone at the same steps, "a fire type pokemon"), then KID, FD and the copy share against the held-out art,
 the paired test of captions (does each sample look more like its own caption's art than like the
 art of the other captions? KID cannot say: shuffling the captions leaves the set of art the same),
 and the type probe's accuracy on the samples. Writes a grid of the first 8 samples over their real
@@ -45,6 +46,7 @@ DEFAULTS = dict(
     eta=0.0,
     guidance_scale=3.0,
     guidance_t_min=300,
+    focus_scale=0.0,  # guidance toward each held-out caption's type phrase (image_quality.type_phrase)
     sample_seed=0,
     weights="ema",  # ema (what training evaluates) | model (the raw weights: what the EMA buys)
     device="auto",
@@ -129,10 +131,20 @@ def judge_checkpoint(C, fe, device):
     scheduler = build_scheduler(ckpt).to(device)
     encoder = TextEncoder(ckpt["text_encoder"], device)
     cond, uncond = embed_prompts(encoder, cap_held, device)
+    focus = None
+    if C.focus_scale:
+        phrases = [iq.type_phrase(c) for c in cap_held]
+        if None in phrases:
+            raise UserError(
+                f"--focus_scale guides toward each caption's type, but {C.dataset}'s captions name none "
+                f"({cap_held[phrases.index(None)]!r}): leave --focus_scale=0"
+            )
+        focus = embed_prompts(encoder, phrases, device)[0]
     t0 = time.time()
     S = SamplerConfig.from_settings(C)
     # the noise of training's evaluation for --sample_seed = the run's seed: the same images
-    samples = sample(model, scheduler, cond, uncond, S, generator=image_generators(C.sample_seed, len(cap_held)))
+    gens = image_generators(C.sample_seed, len(cap_held))
+    samples = sample(model, scheduler, cond, uncond, S, generator=gens, focus=focus)
     seconds = time.time() - t0
     f_train, f_held, f_samples = fe(train), fe(held), fe(samples)
     threshold = iq.copy_threshold(f_held, f_train)
@@ -148,6 +160,8 @@ def judge_checkpoint(C, fe, device):
         sim_own_caption=own,
         sim_other_caption=other,
         sampler=f"{S.sampler}-{S.steps}" if S.sampler != "ddpm" else "ddpm",
+        guidance_scale=S.guidance_scale,
+        focus_scale=S.focus_scale,
         sample_seconds=seconds,
     )
     probe, ceiling, floor = probe_scores(f_train, cap_train, f_held, cap_held)

@@ -70,6 +70,11 @@ def test_primary_type_and_the_probe():
     assert iq.primary_type("Bulbasaur, a grass and poison type seed pokemon. It naps.") == "grass"
     assert iq.primary_type("Charmander, a fire type lizard pokemon.") == "fire"
     assert iq.primary_type("a drawing of a pink cat") is None
+    assert (
+        iq.type_phrase("Bulbasaur, a grass and poison type seed pokemon. It naps.") == "a grass and poison type pokemon"
+    )
+    assert iq.type_phrase("Charmander, a Fire type lizard pokemon.") == "a fire type pokemon"
+    assert iq.type_phrase("a drawing of a pink cat") is None
     g = torch.Generator().manual_seed(3)
     centers = {
         "fire": torch.tensor([3.0, 0, 0]),
@@ -167,21 +172,21 @@ def test_type_probe_beats_the_majority_on_held_out_art(art_features):
 # In training
 
 
-def _tiny_folder(path, n=24):
+def _tiny_folder(path, n=24, caption="a {} square"):
     from PIL import Image
 
     path.mkdir()
     rows = []
     for i in range(n):
         Image.new("RGB", (20, 20), (10 * i, 255 - 10 * i, 40 * (i % 3))).save(path / f"{i:02d}.png")
-        rows.append({"file_name": f"{i:02d}.png", "text": f"a {('red', 'green', 'blue')[i % 3]} square"})
+        rows.append({"file_name": f"{i:02d}.png", "text": caption.format(("red", "green", "blue")[i % 3])})
     (path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
 
-def _train_on_tiny_folder(tiny, tmp_path, train_in_process):
+def _train_on_tiny_folder(tiny, tmp_path, train_in_process, caption="a {} square"):
     """Two steps of the tiny run on a 24-image folder (6 held out), evaluating at every step."""
-    folder = _tiny_folder(tmp_path / "data")
+    folder = _tiny_folder(tmp_path / "data", caption=caption)
     args = [a for a in tiny if not a.startswith(("--dataset", "--batch_size"))]
     return train_in_process(
         args
@@ -229,3 +234,26 @@ def test_quality_benchmark_refuses_a_grid_name_that_is_no_image_before_any_work(
 
     with pytest.raises(UserError, match=r"--out=scores.json is the grid image: give it a .png or .jpg name"):
         bq.main(["--dataset=anything", "--out=scores.json"])
+
+
+@needs_metric
+def test_quality_benchmark_focus_guides_toward_each_captions_type(tiny, tmp_path, train_in_process, one_thread):
+    import benchmarks.quality as bq
+
+    run_dir = _train_on_tiny_folder(tiny, tmp_path, train_in_process, caption="Mon, a {} type pokemon. It naps.")
+    args = [f"--dataset={tmp_path / 'data'}", f"--checkpoint={run_dir}", "--steps=2", "--device=cpu"]
+    plain = bq.main([*args, f"--out={tmp_path / 'plain.png'}"])
+    focused = bq.main([*args, "--focus_scale=2", f"--out={tmp_path / 'focus.png'}"])
+    assert (plain["focus_scale"], focused["focus_scale"]) == (0.0, 2.0)
+    assert focused["kid"] != plain["kid"]  # the same noise, another guidance: other samples
+
+
+@needs_metric
+def test_quality_benchmark_refuses_focus_where_captions_name_no_type(tiny, tmp_path, train_in_process, one_thread):
+    import benchmarks.quality as bq
+    from configurator import UserError
+
+    run_dir = _train_on_tiny_folder(tiny, tmp_path, train_in_process)
+    with pytest.raises(UserError, match=r"captions name none \('a \w+ square'\): leave --focus_scale=0") as e:
+        bq.main([f"--dataset={tmp_path / 'data'}", f"--checkpoint={run_dir}", "--focus_scale=1", "--device=cpu"])
+    assert "\n" not in str(e.value)

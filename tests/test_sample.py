@@ -112,6 +112,20 @@ def test_a_sampler_setting_without_effect_is_one_warning_before_the_images(run_d
     assert (tmp_path / "generated_image_pokemon_cfg.png").exists()
 
 
+def test_focus_changes_only_the_guided_image_and_is_named(run_dir, tmp_path, capsys):
+    """The plain image has no guidance of any kind, so a focus leaves it byte-identical; the _cfg one moves."""
+    common = [f"--checkpoint={run_dir}", "--sampler=ddim", "--steps=3", "--num_images=1", "--guidance_scale=2"]
+    sd.main([*common, f"--out_dir={tmp_path / 'plain'}"])
+    sd.main([*common, "--focus=a small blue square", "--focus_scale=3", f"--out_dir={tmp_path / 'focus'}"])
+    assert "focus 'a small blue square' at 3" in capsys.readouterr().out
+    plain, cfg = "generated_image_pokemon.png", "generated_image_pokemon_cfg.png"
+    assert sha(tmp_path / "plain" / plain) == sha(tmp_path / "focus" / plain)
+    assert sha(tmp_path / "plain" / cfg) != sha(tmp_path / "focus" / cfg)
+    sd.main([*common, "--focus=red", f"--out_dir={tmp_path / 'unused'}"])
+    assert "warning: --focus has no effect: focus_scale is 0" in capsys.readouterr().err
+    assert sha(tmp_path / "plain" / cfg) == sha(tmp_path / "unused" / cfg)
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -121,6 +135,11 @@ def test_a_sampler_setting_without_effect_is_one_warning_before_the_images(run_d
         (["--sampler=ddim", "--steps=1001"], "--steps=1001 is out of range: DDIM takes 1 to 1000 steps"),
         (["--sampler=dpmpp_2m", "--steps=1001"], "--steps=1001 is out of range: DPM-Solver++(2M) takes 1 to 1000"),
         (["--seed=x"], "--seed=x: expected an integer"),
+        (
+            ["--focus_scale=1"],
+            '--focus_scale=1 needs a focus: pass the part of the prompt to weigh more, e.g. --focus="',
+        ),
+        (["--focus=red", "--focus_scale=-1"], "--focus_scale=-1.0 is out of range"),
     ],
 )
 def test_bad_settings_are_one_line_errors(run_dir, tmp_path, capsys, args, expected):
