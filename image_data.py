@@ -390,6 +390,14 @@ def caption_parts(caption):
     return [part for part in re.split(r"(?<=[,.;:!?])\s+", caption.strip()) if part]
 
 
+def without_name(caption):
+    """The caption without its first part: in pokedex-art the name ('Bulbasaur,'), a word that fits one
+    image and that a held-out Pokémon's caption never shares with the training captions. A caption of one
+    part stays itself (an empty caption would be the unconditional one)."""
+    parts = caption_parts(caption)
+    return " ".join(parts[1:]) if len(parts) > 1 else caption
+
+
 def shortened_captions(captions, k, seed, cut="random"):
     """k shortened versions of each caption. cut="random": each keeps every part with probability 1/2 (in order,
     at least one part); cut="first": all k drop the first part only (in pokedex-art the name, which fits one image
@@ -398,12 +406,12 @@ def shortened_captions(captions, k, seed, cut="random"):
     g = torch.Generator().manual_seed(seed)
     out = []
     for caption in captions:
-        parts = caption_parts(caption)
-        if not parts or (cut == "first" and len(parts) == 1):  # nothing to cut
-            out.append([caption] * k)
-            continue
         if cut == "first":
-            out.append([" ".join(parts[1:])] * k)
+            out.append([without_name(caption)] * k)
+            continue
+        parts = caption_parts(caption)
+        if not parts:  # nothing to cut
+            out.append([caption] * k)
             continue
         versions = []
         for _ in range(k):

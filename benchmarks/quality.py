@@ -16,7 +16,8 @@ type probe's ceiling (held-out real art) and floor (the majority type).
 
 A checkpoint: one sample per held-out caption (EMA weights, --sampler with --steps (and --eta for
 ddim), CFG --guidance_scale at t >= --guidance_t_min, and with --focus_scale > 0 guidance toward each caption's
-type alone at the same steps, "a fire type pokemon"), then KID, FD and the copy share against the held-out art,
+type alone at the same steps, "a fire type pokemon"; with --drop_name=true from the captions without their first
+part, pokedex-art's name of a Pokémon the model never saw), then KID, FD and the copy share against the held-out art,
 the paired test of captions (does each sample look more like its own caption's art than like the
 art of the other captions? KID cannot say: shuffling the captions leaves the set of art the same),
 and the type probe's accuracy on the samples. Writes a grid of the first 8 samples over their real
@@ -32,7 +33,7 @@ import torch
 
 import image_quality as iq
 from configurator import UserError, parse_config, pick_device, run_cli
-from image_data import IMAGE_SUFFIXES, load_art, save_grid
+from image_data import IMAGE_SUFFIXES, load_art, save_grid, without_name
 
 DEFAULTS = dict(
     dataset="",
@@ -47,6 +48,7 @@ DEFAULTS = dict(
     guidance_scale=3.0,
     guidance_t_min=300,
     focus_scale=0.0,  # guidance toward each held-out caption's type phrase (image_quality.type_phrase)
+    drop_name=False,  # sample from the held-out captions without their first part (image_data.without_name)
     sample_seed=0,
     weights="ema",  # ema (what training evaluates) | model (the raw weights: what the EMA buys)
     device="auto",
@@ -130,7 +132,8 @@ def judge_checkpoint(C, fe, device):
     model = build_model(ckpt, C.weights).to(device).eval()
     scheduler = build_scheduler(ckpt).to(device)
     encoder = TextEncoder(ckpt["text_encoder"], device)
-    cond, uncond = embed_prompts(encoder, cap_held, device)
+    prompts = [without_name(c) for c in cap_held] if C.drop_name else cap_held
+    cond, uncond = embed_prompts(encoder, prompts, device)
     focus = None
     if C.focus_scale:
         phrases = [iq.type_phrase(c) for c in cap_held]
@@ -162,6 +165,7 @@ def judge_checkpoint(C, fe, device):
         sampler=f"{S.sampler}-{S.steps}" if S.sampler != "ddpm" else "ddpm",
         guidance_scale=S.guidance_scale,
         focus_scale=S.focus_scale,
+        drop_name=C.drop_name,
         sample_seconds=seconds,
     )
     probe, ceiling, floor = probe_scores(f_train, cap_train, f_held, cap_held)

@@ -293,6 +293,7 @@ def test_caption_parts_cut_after_punctuation_and_shortened_versions_keep_them_in
     assert image_data.shortened_captions(["", "  "], 3, seed=0) == [[""] * 3, ["  "] * 3]  # nothing to cut
     first = image_data.shortened_captions([caption, "one part only", ""], 4, seed=3, cut="first")
     assert first == [[" ".join(parts[1:])] * 4, ["one part only"] * 4, [""] * 4]  # the name goes, the rest stays
+    assert [image_data.without_name(c) for c in (caption, "one part only", "")] == [r[0] for r in first]
     seen = set()
     for v in versions[0]:
         kept = v.split(" ")

@@ -246,14 +246,22 @@ def test_quality_benchmark_focus_guides_toward_each_captions_type(tiny, tmp_path
     focused = bq.main([*args, "--focus_scale=2", f"--out={tmp_path / 'focus.png'}"])
     assert (plain["focus_scale"], focused["focus_scale"]) == (0.0, 2.0)
     assert focused["kid"] != plain["kid"]  # the same noise, another guidance: other samples
+    nameless = bq.main([*args, "--drop_name=true", f"--out={tmp_path / 'nameless.png'}"])
+    assert nameless["drop_name"] and nameless["kid"] != plain["kid"]  # "a red type pokemon. It naps.": other samples
 
 
 @needs_metric
-def test_quality_benchmark_refuses_focus_where_captions_name_no_type(tiny, tmp_path, train_in_process, one_thread):
+def test_quality_benchmark_refuses_focus_and_drops_no_name_where_captions_have_none(
+    tiny, tmp_path, train_in_process, one_thread
+):
     import benchmarks.quality as bq
     from configurator import UserError
 
     run_dir = _train_on_tiny_folder(tiny, tmp_path, train_in_process)
+    args = [f"--dataset={tmp_path / 'data'}", f"--checkpoint={run_dir}", "--steps=2", "--device=cpu"]
+    plain = bq.main([*args, f"--out={tmp_path / 'plain.png'}"])
+    one_part = bq.main([*args, "--drop_name=true", f"--out={tmp_path / 'one_part.png'}"])
+    assert one_part["kid"] == plain["kid"]  # "a red square" has no name to drop: the same prompts, the same samples
     with pytest.raises(UserError, match=r"captions name none \('a \w+ square'\): leave --focus_scale=0") as e:
         bq.main([f"--dataset={tmp_path / 'data'}", f"--checkpoint={run_dir}", "--focus_scale=1", "--device=cpu"])
     assert "\n" not in str(e.value)
