@@ -4,8 +4,8 @@ two-object prompts too: whether both objects are there with their own colors (bi
 pairings seen in training and on never-seen ones (the attribute swaps of seen pairings). Binding is learnt late
 and suddenly, and when differs by training seed; two settings bring it on sooner: training timesteps shifted toward
 noise (t_shift, where the layout of a scene is decided) and a learning rate that stays at its peak. The budget is the
-goal's 20 minutes, not a count of steps: a run times its first steps and trains as many as fit in max_minutes of
-loop (fewer than 20: the rest is for the start-up and for a timing that can read fast), and at a constant rate the
+goal's wall time, not a count of steps: a run times its first steps and trains as many as fit in max_minutes of
+loop (less than the goal: the rest is for the start-up and for a timing that can read fast), and at a constant rate the
 first N steps are the same whatever the end, so a faster CPU, or bf16 where it pays, buys the late seeds their
 steps. Its minutes, steps and scores: docs/results.md, "Two objects"."""
 
