@@ -146,6 +146,8 @@ def main(argv):
         if C.bf16:
             setups["channels_last + bf16 autocast (norms, attention fp32)"] = (True, False, True, False)
             setups["channels_last + plain bf16 autocast (norms, attention bf16)"] = (True, False, True, True)
+        if C.compile and C.bf16:  # what train_diffusion.py runs with --compile=true where --dtype=auto picks bf16
+            setups["channels_last + bf16 autocast (norms, attention fp32) + compile"] = (True, True, True, False)
         steps, firsts = {}, {}
         for name, flags in setups.items():
             steps[name], firsts[name] = setup(cfg, B, *flags)
