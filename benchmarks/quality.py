@@ -50,6 +50,9 @@ DEFAULTS = dict(
     focus_scale=0.0,  # guidance toward each held-out caption's type phrase (image_quality.type_phrase)
     drop_name=False,  # sample from the held-out captions without their first part (image_data.without_name)
     sample_seed=0,
+    # > 1: draw again with sample seeds sample_seed + 1, ...; KID, FD, the copy share and the probe are each draw's,
+    # then their means (one draw of one sample per caption moves KID by several of its spreads: docs/ablations.md)
+    draws=1,
     weights="ema",  # ema (what training evaluates) | model (the raw weights: what the EMA buys)
     device="auto",
     out="",  # the grid of samples over their real art (.png or .jpg); default: beside the checkpoint
@@ -143,40 +146,55 @@ def judge_checkpoint(C, fe, device):
                 f"({cap_held[phrases.index(None)]!r}): leave --focus_scale=0"
             )
         focus = embed_prompts(encoder, phrases, device)[0]
-    t0 = time.time()
     S = SamplerConfig.from_settings(C)
-    # the noise of training's evaluation for --sample_seed = the run's seed: the same images
-    gens = image_generators(C.sample_seed, len(cap_held))
-    samples = sample(model, scheduler, cond, uncond, S, generator=gens, focus=focus)
-    seconds = time.time() - t0
-    f_train, f_held, f_samples = fe(train), fe(held), fe(samples)
+    f_train, f_held = fe(train), fe(held)
     threshold = iq.copy_threshold(f_held, f_train)
-    kid_own = iq.kid(f_held, f_samples)
-    own, other = iq.caption_similarity(f_samples, f_held)
+    probe, ceiling, floor = probe_scores(f_train, cap_train, f_held, cap_held)
+    draws, seconds = [], 0.0
+    for sample_seed in range(C.sample_seed, C.sample_seed + C.draws):
+        t0 = time.time()
+        # the noise of training's evaluation for --sample_seed = the run's seed: the same images
+        gens = image_generators(sample_seed, len(cap_held))
+        samples = sample(model, scheduler, cond, uncond, S, generator=gens, focus=focus)
+        seconds += time.time() - t0
+        f_samples = fe(samples)
+        kid, kid_std = iq.kid(f_held, f_samples)
+        own, other = iq.caption_similarity(f_samples, f_held)
+        draw = dict(
+            sample_seed=sample_seed,
+            kid=kid,
+            kid_std=kid_std,
+            fd=iq.frechet_distance(f_held, f_samples),
+            copy_share=iq.copy_share(f_samples, f_train, threshold),
+            sim_own_caption=own,
+            sim_other_caption=other,
+        )
+        if probe is not None:
+            draw["probe_samples"] = probe.accuracy(f_samples, [iq.primary_type(c) for c in cap_held])
+        draws.append(draw)
+        if len(draws) == 1:
+            grid = torch.cat([samples[:8].cpu(), held[:8].float() / 127.5 - 1])  # the first draw's
     res = dict(
         checkpoint=path,
         step=ckpt["step"],
-        kid=kid_own[0],
-        kid_std=kid_own[1],
-        fd=iq.frechet_distance(f_held, f_samples),
-        copy_share=iq.copy_share(f_samples, f_train, threshold),
-        sim_own_caption=own,
-        sim_other_caption=other,
+        **{k: sum(d[k] for d in draws) / len(draws) for k in draws[0] if k != "sample_seed"},
         sampler=f"{S.sampler}-{S.steps}" if S.sampler != "ddpm" else "ddpm",
         guidance_scale=S.guidance_scale,
         focus_scale=S.focus_scale,
         drop_name=C.drop_name,
         sample_seconds=seconds,
     )
-    probe, ceiling, floor = probe_scores(f_train, cap_train, f_held, cap_held)
     if probe is not None:
-        res.update(
-            probe_samples=probe.accuracy(f_samples, [iq.primary_type(c) for c in cap_held]),
-            probe_ceiling=ceiling,
-            probe_floor=floor,
-        )
+        res.update(probe_ceiling=ceiling, probe_floor=floor)
+    if C.draws > 1:
+        res["draws"] = draws
+        kids = " / ".join(f"{d['kid']:.1f}" for d in draws)
+        line = f"{C.draws} draws (sample seeds {C.sample_seed}..{sample_seed}): KID x1000 {res['kid']:.1f} ({kids})"
+        if probe is not None:
+            probes = " / ".join(f"{d['probe_samples']:.3f}" for d in draws)
+            line += f", type probe {res['probe_samples']:.3f} ({probes}; half-way {(ceiling + floor) / 2:.3f})"
+        print(line)
     print(json.dumps(res, indent=1))
-    grid = torch.cat([samples[:8].cpu(), held[:8].float() / 127.5 - 1])
     grid_path = C.out or os.path.join(os.path.dirname(path), f"quality_samples_{ckpt['step']:07d}.png")
     save_grid(grid, grid_path)
     with open(os.path.splitext(grid_path)[0] + ".json", "w") as f:
@@ -190,6 +208,8 @@ def main(argv):
         raise UserError("pass --dataset=<an imagefolder with metadata.jsonl>, e.g. ../shared/data/pokedex-art")
     if C.weights not in ("ema", "model"):
         raise UserError(f"--weights={C.weights}: use ema (the averaged weights) or model (the raw ones)")
+    if C.draws < 1:
+        raise UserError(f"--draws={C.draws}: draw at least once (1 is one sample per held-out caption)")
     if C.out and os.path.splitext(C.out)[1].lower() not in IMAGE_SUFFIXES:
         raise UserError(f"--out={C.out} is the grid image: give it a .png or .jpg name")
     if not iq.available():

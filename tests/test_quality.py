@@ -251,6 +251,31 @@ def test_quality_benchmark_focus_guides_toward_each_captions_type(tiny, tmp_path
 
 
 @needs_metric
+def test_quality_benchmark_draws_are_the_single_draws_averaged(tiny, tmp_path, train_in_process, one_thread):
+    import benchmarks.quality as bq
+
+    run_dir = _train_on_tiny_folder(tiny, tmp_path, train_in_process, caption="Mon, a {} type pokemon. It naps.")
+    args = [f"--dataset={tmp_path / 'data'}", f"--checkpoint={run_dir}", "--steps=2", "--device=cpu"]
+    single = [bq.main([*args, f"--sample_seed={s}", f"--out={tmp_path / f'{s}.png'}"]) for s in (3, 4)]
+    assert single[0]["kid"] != single[1]["kid"]  # other noise, other samples
+    both = bq.main([*args, "--sample_seed=3", "--draws=2", f"--out={tmp_path / 'both.png'}"])
+    assert [d["sample_seed"] for d in both["draws"]] == [3, 4]
+    for key in ("kid", "kid_std", "fd", "copy_share", "probe_samples"):
+        assert [d[key] for d in both["draws"]] == [r[key] for r in single]
+        assert both[key] == pytest.approx((single[0][key] + single[1][key]) / 2)
+    assert "draws" not in single[0]
+
+
+def test_quality_benchmark_refuses_no_draws_in_one_line():
+    import benchmarks.quality as bq
+    from configurator import UserError
+
+    with pytest.raises(UserError, match=r"--draws=0: draw at least once") as e:
+        bq.main(["--dataset=anything", "--draws=0"])
+    assert "\n" not in str(e.value)
+
+
+@needs_metric
 def test_quality_benchmark_refuses_focus_and_drops_no_name_where_captions_have_none(
     tiny, tmp_path, train_in_process, one_thread
 ):
