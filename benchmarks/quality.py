@@ -20,8 +20,9 @@ type alone at the same steps, "a fire type pokemon"; with --drop_name=true from 
 part, pokedex-art's name of a Pokémon the model never saw), then KID, FD and the copy share against the held-out art,
 the paired test of captions (does each sample look more like its own caption's art than like the
 art of the other captions? KID cannot say: shuffling the captions leaves the set of art the same),
-and the type probe's accuracy on the samples. Writes a grid of the first 8 samples over their real
-art next to the checkpoint.
+and the type probe's accuracy on the samples. With --draws=N, N draws (sample seeds --sample_seed and up), each
+scored, then their means: what a goal on KID should be read on. Writes a grid of the first draw's first 8 samples
+over their real art next to the checkpoint.
 """
 
 import json
