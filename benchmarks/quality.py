@@ -151,6 +151,7 @@ def judge_checkpoint(C, fe, device):
     f_train, f_held = fe(train), fe(held)
     threshold = iq.copy_threshold(f_held, f_train)
     probe, ceiling, floor = probe_scores(f_train, cap_train, f_held, cap_held)
+    types_held = [iq.primary_type(c) for c in cap_held]  # the probe's labels, the same for every draw
     draws, seconds = [], 0.0
     for sample_seed in range(C.sample_seed, C.sample_seed + C.draws):
         t0 = time.time()
@@ -171,7 +172,7 @@ def judge_checkpoint(C, fe, device):
             sim_other_caption=other,
         )
         if probe is not None:
-            draw["probe_samples"] = probe.accuracy(f_samples, [iq.primary_type(c) for c in cap_held])
+            draw["probe_samples"] = probe.accuracy(f_samples, types_held)
         draws.append(draw)
         if len(draws) == 1:
             grid = torch.cat([samples[:8].cpu(), held[:8].float() / 127.5 - 1])  # the first draw's
@@ -190,7 +191,8 @@ def judge_checkpoint(C, fe, device):
     if C.draws > 1:
         res["draws"] = draws
         kids = " / ".join(f"{d['kid']:.1f}" for d in draws)
-        line = f"{C.draws} draws (sample seeds {C.sample_seed}..{sample_seed}): KID x1000 {res['kid']:.1f} ({kids})"
+        last = C.sample_seed + C.draws - 1
+        line = f"{C.draws} draws (sample seeds {C.sample_seed}..{last}): KID x1000 {res['kid']:.1f} ({kids})"
         if probe is not None:
             probes = " / ".join(f"{d['probe_samples']:.3f}" for d in draws)
             line += f", type probe {res['probe_samples']:.3f} ({probes}; half-way {(ceiling + floor) / 2:.3f})"
